@@ -45,7 +45,7 @@ def check(dataset: Path = typer.Argument(..., help="Dataset folder (MSD, nnU-Net
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except MedsegError as exc:
         if _state["debug"]:
             raise
@@ -62,6 +62,8 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""The planner: fingerprint → :class:`~medseg.plans.schema.Plans`.
+
+On CUDA it sizes patch and batch for the GPU memory budget, like nnU-Net. On a CPU the binding
+constraint is compute time, not memory, so it sizes the network for learning per second within
+the training time budget: batch stays at the minimum of 2 and the width is the largest whose
+estimated step time still allows :data:`CPU_TARGET_ITERATIONS` optimiser steps in the budget.
+Every decision is written into ``memory.decision``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from medseg import __version__
+from medseg.errors import PlanError
+from medseg.fingerprint import Fingerprint
+from medseg.io.dataset import channel_normalization
+from medseg.networks.unet import estimate_costs
+from medseg.plans import topology
+from medseg.plans.schema import (Architecture, Configuration, MemoryEstimate, Normalization, Plans, Training)
+
+log = logging.getLogger(__name__)
+
+BASE_FEATURES = 32
+MAX_FEATURES = {2: 512, 3: 320}
+INITIAL_PATCH_VOXELS = {2: 2048**2, 3: 256**3}
+MAX_DATASET_FRACTION = 0.05
+MIN_BATCH = 2
+CPU_TARGET_ITERATIONS = 2000
+CPU_WIDTH_CHOICES = (32, 24, 16, 12, 8)
+DEFAULT_CPU_TIME_BUDGET_MIN = 30.0
+GPU_EPOCHS, GPU_ITERATIONS = 1000, 250
+CPU_ITERATIONS_PER_EPOCH = 50
+OPTIMISER_COPIES = 4  # weights, gradients, momentum, and one transient copy
+
+
+def default_memory_gb(device: str) -> float:
+    """The GPU's memory on CUDA; on a CPU a quarter of RAM, at most 8 GB."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / 1e9
+    try:
+        import os
+
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError):
+        ram = 16.0
+    return min(0.25 * ram, 8.0)
+
+
+def measure_throughput(device: str = "cpu") -> float:
+    """Training FLOP/s of this device on a U-Net-like conv workload (about a second to run)."""
+    import torch
+
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1).to(device)
+    x = torch.randn(2, 32, 24, 32, 24, device=device, requires_grad=True)
+    flops = 3 * 2 * 27 * 32 * 32 * x[0, 0].numel() * 2
+    best = float("inf")
+    for _ in range(4):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        conv(x).sum().backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return flops / best
+
+
+def _features(base: int, stages: int, dim: int) -> list[int]:
+    return [min(base * 2**i, MAX_FEATURES[dim]) for i in range(stages)]
+
+
+def _architecture(spacing: Sequence[float], patch: Sequence[int], base: int) -> tuple[Architecture, list[int]]:
+    strides, kernels = topology.pooling_plan(spacing, patch)
+    patch = topology.pad_to_multiple(patch, topology.divisibility(strides))
+    strides, kernels = topology.pooling_plan(spacing, patch)
+    arch = Architecture(features=_features(base, len(strides), len(patch)), kernel_sizes=kernels, strides=strides)
+    return arch, patch
+
+
+def _plan_configuration(name: str, spacing: list[float], median_shape: list[float], transpose: list[int],
+                        fp: Fingerprint, *, device: str, memory_gb: float, time_budget_min: float,
+                        throughput: float | None) -> Configuration:
+    dim = len(spacing)
+    n_in, n_cls = len(fp.channel_names), max(fp.labels) + 1
+    inv = 1.0 / np.asarray(spacing)
+    patch = np.round(inv * (INITIAL_PATCH_VOXELS[dim] / np.prod(inv)) ** (1 / dim)).astype(int)
+    patch = [int(p) for p in np.minimum(patch, np.ceil(median_shape))]
+    budget = memory_gb * 1e9
+
+    def fits(arch: Architecture, p: Sequence[int], batch: int) -> tuple[bool, float]:
+        c = estimate_costs(arch, p, batch, n_in, n_cls)
+        total = c.activation_bytes + OPTIMISER_COPIES * 4 * c.parameters
+        return total <= budget, total
+
+    arch, patch = _architecture(spacing, patch, BASE_FEATURES)
+    while not fits(arch, patch, MIN_BATCH)[0]:
+        ratios = np.asarray(patch) / np.asarray(median_shape)
+        axis = int(np.argmax(ratios))
+        step = topology.divisibility(arch.strides)[axis]
+        if patch[axis] - step < 2 * topology.MIN_FEATURE_MAP:
+            raise PlanError(f"{fp.dataset_name}: no {name} patch fits in {memory_gb:.1f} GB; raise --memory-gb")
+        patch[axis] -= step
+        arch, patch = _architecture(spacing, patch, BASE_FEATURES)
+
+    total_voxels = float(np.sum([np.prod(c.shape_after_crop) for c in fp.cases]))
+    if dim == 2:
+        total_voxels = float(np.prod(median_shape)) * len(fp.cases) * 1.0  # slices already counted in-plane
+        total_voxels = float(np.sum([np.prod(c.shape_after_crop) for c in fp.cases]))
+    batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * total_voxels / np.prod(patch)))
+    per_sample = estimate_costs(arch, patch, 1, n_in, n_cls).activation_bytes
+    weights = OPTIMISER_COPIES * 4 * estimate_costs(arch, patch, 1, n_in, n_cls).parameters
+    mem_batch = max(MIN_BATCH, int((budget - weights) // per_sample))
+
+    if device.startswith("cuda"):
+        batch = min(mem_batch, batch_cap)
+        why = (f"GPU plan: patch {patch} covers the median shape {list(map(int, median_shape))} as far as "
+               f"{memory_gb:.1f} GB allow; batch {batch} = min(memory {mem_batch}, 5% of dataset voxels {batch_cap})")
+        epochs, iters, budget_min, step_s = GPU_EPOCHS, GPU_ITERATIONS, None, None
+    else:
+        throughput = throughput or measure_throughput("cpu")
+        target_step = time_budget_min * 60.0 / CPU_TARGET_ITERATIONS
+        chosen = None
+        for base in CPU_WIDTH_CHOICES:
+            a, _ = _architecture(spacing, patch, base)
+            per_sample_s = estimate_costs(a, patch, 1, n_in, n_cls).train_flops / throughput
+            batch = int(min(batch_cap, mem_batch, max(MIN_BATCH, target_step // per_sample_s)))
+            if batch * per_sample_s <= target_step or base == CPU_WIDTH_CHOICES[-1]:
+                chosen = (base, a, batch, batch * per_sample_s)
+                break
+        base, arch, batch, step_s = chosen
+        why = (f"CPU plan (compute-bound): {time_budget_min:g} min budget / {CPU_TARGET_ITERATIONS} target steps "
+               f"= {target_step:.2f} s per step at {throughput / 1e9:.0f} GFLOP/s measured; widest base width "
+               f"from {list(CPU_WIDTH_CHOICES)} meeting it is {base} at batch {batch} (est. {step_s:.2f} s/step); "
+               f"patch {patch} from median shape {list(map(int, median_shape))}; GPU-style batch would be "
+               f"{min(mem_batch, batch_cap)}")
+        iters = CPU_ITERATIONS_PER_EPOCH
+        epochs = int(np.ceil(CPU_TARGET_ITERATIONS / iters))
+        budget_min = time_budget_min
+    ok, total = fits(arch, patch, batch)
+    costs = estimate_costs(arch, patch, batch, n_in, n_cls)
+    norm = _normalization(fp)
+    return Configuration(
+        name=name, spacing=spacing, transpose_forward=transpose, median_shape=[int(round(m)) for m in median_shape],
+        patch_size=patch, batch_size=batch, normalization=norm, architecture=arch,
+        training=Training(epochs=epochs, iterations_per_epoch=iters, val_iterations=max(5, iters // 5),
+                          mirror_axes=list(range(dim)), time_budget_min=budget_min),
+        memory=MemoryEstimate(budget_gb=memory_gb, estimate_gb=total / 1e9, activations_gb=costs.activation_bytes / 1e9,
+                              weights_gb=OPTIMISER_COPIES * 4 * costs.parameters / 1e9,
+                              flops_per_step=costs.train_flops, step_seconds_estimate=step_s, decision=why),
+    )
+
+
+def _normalization(fp: Fingerprint) -> list[Normalization]:
+    before = np.array([np.prod(c.shape_before_crop) for c in fp.cases], dtype=float)
+    after = np.array([np.prod(c.shape_after_crop) for c in fp.cases], dtype=float)
+    use_mask = bool(np.median(after / before) < 0.75)
+    out = []
+    for stats in fp.channels:
+        scheme = channel_normalization(stats.name)
+        if scheme == "ct":
+            out.append(Normalization(scheme="ct", mean=stats.mean, std=stats.std, lower=stats.p00_5, upper=stats.p99_5))
+        else:
+            out.append(Normalization(scheme=scheme, use_mask=use_mask and scheme == "zscore"))
+    return out
+
+
+def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None = None,
+                 configs: Sequence[str] = ("2d", "3d_fullres"), time_budget_min: float | None = None,
+                 throughput: float | None = None, seed: int = 0) -> Plans:
+    """Derive the plans for ``configs`` from a fingerprint."""
+    unknown = [c for c in configs if c not in ("2d", "3d_fullres")]
+    if unknown:
+        raise PlanError(f"configuration(s) {unknown} cannot be planned yet; available: 2d, 3d_fullres")
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    memory_gb = memory_gb or default_memory_gb(device)
+    time_budget_min = time_budget_min or DEFAULT_CPU_TIME_BUDGET_MIN
+    if dev == "cpu" and throughput is None:
+        throughput = measure_throughput("cpu")
+    spacings = fp.spacings()
+    spacing = topology.target_spacing(spacings)
+    tf = topology.transpose_forward(spacing)
+    shapes = fp.shapes_after_crop() * spacings / np.asarray(spacing)
+    median_shape = np.median(shapes, axis=0)[tf]
+    spacing_t = [spacing[i] for i in tf]
+    out = {}
+    for name in configs:
+        if name == "3d_fullres":
+            out[name] = _plan_configuration(name, spacing_t, list(median_shape), tf, fp, device=dev, memory_gb=memory_gb,
+                                            time_budget_min=time_budget_min, throughput=throughput)
+        else:
+            out[name] = _plan_configuration(name, spacing_t[1:], list(median_shape[1:]), tf, fp, device=dev,
+                                            memory_gb=memory_gb, time_budget_min=time_budget_min, throughput=throughput)
+            out[name].spacing = [spacing_t[0], *out[name].spacing]  # 2d keeps the out-of-plane spacing as is
+    return Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, device=dev,
+                 seed=seed, configurations=out, medseg_version=__version__)

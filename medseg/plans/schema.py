@@ -1,0 +1,160 @@
+"""``plans.json``: the typed, versioned contract between planning, training and inference.
+
+Everything the trainer and predictor need is here; nothing is added at run time. A user may edit
+the file and re-run. Unknown keys are rejected (``extra="forbid"``) so that typos fail loudly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medseg.errors import PlanError
+from medseg.utils import atomic_write_text
+
+SCHEMA_VERSION = 1
+ConfigName = Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Normalization(_Model):
+    """Per-channel intensity normalisation. ``ct``: clip to foreground p0.5/p99.5, then z-score with
+    the foreground mean/std. ``zscore``: per-image z-score (inside the nonzero mask when
+    ``use_mask``). ``none``: unchanged."""
+
+    scheme: Literal["ct", "zscore", "none"]
+    use_mask: bool = False
+    mean: float | None = None
+    std: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+
+
+class Blocks(_Model):
+    """Block variants; later issues add implementations. Only the defaults are built today."""
+
+    encoder_block: Literal["plain", "residual"] = "plain"
+    attention_gates: bool = False
+    squeeze_excitation: Literal["none", "cse", "sse", "scse"] = "none"
+    se_reduction: int = 2
+    reversible: bool = False
+    bottleneck: Literal["conv", "graph"] = "conv"
+
+
+class Architecture(_Model):
+    """U-Net topology. ``strides[i]`` downsamples into stage i (``strides[0]`` is all ones)."""
+
+    features: list[int]
+    kernel_sizes: list[list[int]]
+    strides: list[list[int]]
+    convs_per_stage: int = 2
+    deep_supervision: bool = True
+    blocks: Blocks = Field(default_factory=Blocks)
+
+    @model_validator(mode="after")
+    def _same_depth(self) -> Architecture:
+        if not (len(self.features) == len(self.kernel_sizes) == len(self.strides)):
+            raise ValueError("features, kernel_sizes and strides need one entry per stage")
+        return self
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.features)
+
+
+class Training(_Model):
+    epochs: int
+    iterations_per_epoch: int
+    val_iterations: int
+    optimizer: Literal["sgd"] = "sgd"
+    initial_lr: float = 1e-2
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    poly_exponent: float = 0.9
+    grad_clip: float = 12.0
+    oversample_foreground: float = 0.33
+    mirror_axes: list[int]
+    time_budget_min: float | None = None
+
+
+class MemoryEstimate(_Model):
+    """What justified patch and batch size."""
+
+    budget_gb: float
+    estimate_gb: float
+    activations_gb: float
+    weights_gb: float
+    flops_per_step: float
+    step_seconds_estimate: float | None = None
+    decision: str
+
+
+class Configuration(_Model):
+    name: ConfigName
+    inherits_from: str | None = None
+    spacing: list[float]
+    transpose_forward: list[int]
+    median_shape: list[int]
+    patch_size: list[int]
+    batch_size: int
+    normalization: list[Normalization]
+    architecture: Architecture
+    training: Training
+    memory: MemoryEstimate
+    previous_stage: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return len(self.patch_size)
+
+    @property
+    def transpose_backward(self) -> list[int]:
+        return [self.transpose_forward.index(i) for i in range(len(self.transpose_forward))]
+
+
+class Plans(_Model):
+    schema_version: int = SCHEMA_VERSION
+    dataset_name: str
+    channel_names: list[str]
+    labels: dict[int, str]
+    device: Literal["cpu", "cuda"]
+    seed: int = 0
+    configurations: dict[str, Configuration]
+    medseg_version: str
+
+    def config(self, name: str) -> Configuration:
+        from medseg.utils import look_up
+
+        return self.configurations[look_up(name, self.configurations, "configuration")]
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels) + 1
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Plans:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"{path}: plans file not found; run `medseg plan` first")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"{path}: schema_version {version} is not supported (this medseg reads {SCHEMA_VERSION})")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise PlanError(f"{path}: {loc}: {err['msg']}") from exc

@@ -1,0 +1,71 @@
+"""Small shared helpers: atomic writes, registry lookups with suggestions, seeding, devices."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the file appears only when complete (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def look_up(name: str, options: Iterable[str], what: str) -> str:
+    """Return ``name`` if it is one of ``options``; else raise with a 'did you mean' hint."""
+    options = list(options)
+    if name in options:
+        return name
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise MedsegError(f"unknown {what} {name!r}{hint} Available: {', '.join(options)}")
+
+
+def resolve_device(device: str | None) -> str:
+    """'cuda' when available unless told otherwise; 'cpu' else."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MedsegError(f"--device {device}: CUDA is not available on this machine")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise MedsegError(f"--device {device}: expected cpu, cuda or cuda:N")
+    return device

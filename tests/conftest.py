@@ -1,0 +1,32 @@
+"""Shared fixtures. The builders are plain functions in ``tests/helpers.py``; call those directly
+for other sizes/spacings/seeds (``from helpers import make_msd_dataset``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import make_msd_dataset, make_nnunetv2_dataset, shared_data
+
+
+@pytest.fixture
+def msd_dataset(tmp_path: Path) -> Path:
+    """A clean MSD-layout dataset: 4 cases (20, 24, 16), 1 mm, modality MRI, labels 0/1/2."""
+    return make_msd_dataset(tmp_path / "msd")
+
+
+@pytest.fixture
+def nnunetv2_dataset(tmp_path: Path) -> Path:
+    """A clean nnU-Net v2-layout dataset: 4 cases (20, 24, 16), 1 mm, channels T1/T2, labels 0/1/2."""
+    return make_nnunetv2_dataset(tmp_path / "nnunetv2")
+
+
+@pytest.fixture
+def shared_data_dir() -> Path:
+    """The shared real-data folder (``$MEDSEG_SHARED_DATA``, else ``<repo>/../shared/data``).
+
+    Skips the test when it is absent."""
+    path = shared_data()
+    if path is None:
+        pytest.skip("shared data folder not found (set MEDSEG_SHARED_DATA)")
+    return path
