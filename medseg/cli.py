@@ -43,6 +43,136 @@ def check(dataset: Path = typer.Argument(..., help="Dataset folder (MSD, nnU-Net
     console.print(f"[green]ok[/]: {len(ds.cases)} cases, {ds.num_channels} channel(s), labels {sorted(ds.labels)}")
 
 
+def _configs(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
+def _device(value: str | None) -> str:
+    from medseg.utils import resolve_device
+
+    return resolve_device(value)
+
+
+@app.command()
+def plan(
+    dataset: Path = typer.Argument(..., help="Dataset folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Work directory for plans, data, runs."),
+    memory_gb: float = typer.Option(None, "--memory-gb", help="Memory budget (default: GPU memory, or a share of RAM)."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    configs: str = typer.Option("2d,3d_fullres", "--configs", help="Comma-separated configurations."),
+    time_budget: float = typer.Option(None, "--time-budget", help="CPU: training minutes to plan for (default 30)."),
+    no_preprocess: bool = typer.Option(False, "--no-preprocess", help="Only fingerprint and plan."),
+    workers: int = typer.Option(None, "--workers", help="Parallel processes (default: CPU count, at most 8)."),
+) -> None:
+    """Check, fingerprint and plan a dataset, then preprocess it."""
+    from medseg import workflow
+
+    workflow.plan(dataset, output, memory_gb=memory_gb, device=_device(device), configs=_configs(configs),
+                  time_budget_min=time_budget, preprocess=not no_preprocess, num_workers=workers, progress=True)
+    console.print(workflow.info(output))
+    console.print(f"[green]plans written to[/] {output / 'plans.json'}")
+
+
+@app.command()
+def preprocess(
+    workdir: Path = typer.Argument(..., help="Work directory made by `medseg plan`."),
+    configs: str = typer.Option(None, "--configs", help="Comma-separated configurations (default: all)."),
+    workers: int = typer.Option(None, "--workers"),
+) -> None:
+    """Preprocess (again) the planned configurations; finished cases are skipped."""
+    from medseg import workflow
+
+    done = workflow.preprocess(workdir, _configs(configs), workers, progress=True)
+    console.print(f"preprocessed: {done}")
+
+
+@app.command()
+def info(workdir: Path = typer.Argument(..., help="Work directory made by `medseg plan`.")) -> None:
+    """Print the plan (spacing, patch, batch, stages, features) and the reasons behind it."""
+    from medseg import workflow
+
+    print(workflow.info(workdir))
+
+
+@app.command()
+def train(
+    workdir: Path = typer.Argument(..., help="Work directory made by `medseg plan`."),
+    config: str = typer.Option("3d_fullres", "-c", "--config"),
+    fold: str = typer.Option("0", "-f", "--fold", help="0..4, 'all' (train on everything) or 'cv' (all five)."),
+    epochs: int = typer.Option(None, "--epochs"),
+    iterations: int = typer.Option(None, "--iterations-per-epoch"),
+    time_budget: float = typer.Option(None, "--time-budget", help="Wall-clock minutes for the training loop."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run (also extends a finished one)."),
+    device: str = typer.Option(None, "--device"),
+    workers: int = typer.Option(1, "--workers", help="Background augmentation processes."),
+    no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full validation."),
+) -> None:
+    """Train one fold (or all five) of a configuration."""
+    from medseg.training.loop import train_fold
+
+    folds: list[int | str] = list(range(5)) if fold == "cv" else [fold if fold == "all" else int(fold)]
+    for f in folds:
+        run = train_fold(workdir, config, f, epochs=epochs, iterations_per_epoch=iterations,
+                         time_budget_min=time_budget, resume=resume, device=_device(device), num_workers=workers,
+                         validate_full=not no_validation, progress=True)
+        console.print(f"[green]fold {f} done[/]: {run}")
+
+
+@app.command()
+def predict(
+    input: Path = typer.Option(..., "-i", "--input", help="Image file or folder of images."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    model: Path = typer.Option(..., "-m", "--model", help="Work directory with trained runs."),
+    config: str = typer.Option(None, "-c", "--config", help="Configuration (default: 3d_fullres if trained)."),
+    folds: str = typer.Option(None, "-f", "--folds", help="Comma-separated folds (default: all finished)."),
+    no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirroring test-time augmentation."),
+    step: float = typer.Option(0.5, "--step", help="Sliding-window step as a fraction of the patch."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """Segment new images; outputs have the input's exact geometry."""
+    from medseg.inference.predictor import predict_folder
+
+    fold_list = None
+    if folds:
+        fold_list = [f if f == "all" else int(f) for f in _configs(folds)]
+    written = predict_folder(input, output, model, config_name=config, folds=fold_list, step=step, tta=not no_tta,
+                             save_probabilities=save_probabilities, overwrite=overwrite, device=_device(device),
+                             progress=True)
+    console.print(f"[green]{len(written)} segmentation(s) written to[/] {output}")
+
+
+@app.command()
+def evaluate(
+    pred: Path = typer.Argument(..., help="Folder of predicted label maps."),
+    gt: Path = typer.Argument(..., help="Folder of reference label maps."),
+    output: Path = typer.Option(None, "-o", "--output", help="Report folder (default: PRED/report)."),
+    workers: int = typer.Option(None, "--workers"),
+) -> None:
+    """Dice, IoU, HD95 (mm), volumes per case and class: metrics.csv, summary.json, metrics.png."""
+    from medseg.evaluation.report import evaluate_folder, format_summary
+    from medseg.workflow import default_workers
+
+    output = output or pred / "report"
+    summary = evaluate_folder(pred, gt, output, num_workers=workers or default_workers(), progress=True)
+    print(format_summary(summary))
+    console.print(f"report: {output}")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo_output"), "-o", "--output", help="Where to write everything."),
+    minutes: float = typer.Option(3.0, "--minutes", help="Training time budget."),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """Bundled hippocampus subset → plan → train (a few minutes) → predict held-out cases → evaluate."""
+    from medseg.demo import run_demo
+
+    report = run_demo(output, minutes=minutes, device=_device(device))
+    console.print(f"[green]demo done[/]; report: {report}")
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)

@@ -92,7 +92,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
             return _read_itk(path)
     except DatasetError:
         raise
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, RuntimeError) as exc:
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, RuntimeError,
+            nib.filebasedimages.ImageFileError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DatasetError(f"{path}: cannot read image ({reason}); the file may be truncated or corrupt") from exc
     raise DatasetError(f"{path}: unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")

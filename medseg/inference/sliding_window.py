@@ -1,0 +1,72 @@
+"""Sliding-window prediction of one preprocessed volume with mirroring test-time augmentation.
+
+A chain of small functions over any predictor callable: window (MONAI's Gaussian-weighted
+``sliding_window_inference``) → mirror → softmax → mean over models.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """All subsets of the mirror axes (the empty one first)."""
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def _windowed(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], step: float, sw_batch: int) -> torch.Tensor:
+    return sliding_window_inference(x, roi_size=tuple(patch), sw_batch_size=sw_batch, predictor=predictor,
+                                    overlap=1.0 - step, mode="gaussian", sigma_scale=0.125, padding_mode="constant",
+                                    cval=0.0)
+
+
+@torch.inference_mode()
+def predict_logits_tta(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], *, step: float = 0.5,
+                       mirror_axes: Sequence[int] = (), sw_batch: int = 2) -> torch.Tensor:
+    """x: (N, C, *S) → softmax probabilities (N, K, *S), averaged over mirrorings of the spatial
+    axes in ``mirror_axes`` (0-based spatial indices)."""
+    total = None
+    sets = mirror_sets(mirror_axes)
+    for axes in sets:
+        dims = [a + 2 for a in axes]
+        xi = torch.flip(x, dims) if dims else x
+        p = torch.softmax(_windowed(predictor, xi, patch, step, sw_batch).float(), dim=1)
+        p = torch.flip(p, dims) if dims else p
+        total = p if total is None else total + p
+    return total / len(sets)
+
+
+def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: Sequence[int], *, step: float = 0.5,
+                   mirror_axes: Sequence[int] = (), device: str = "cpu") -> np.ndarray:
+    """Preprocessed (C, *S) 3D volume → probabilities (K, *S), mean over ``models``.
+
+    A 2D patch predicts slice by slice along axis 0 (the out-of-plane axis)."""
+    x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
+    two_d = len(patch) == 2
+    x = x.permute(1, 0, 2, 3) if two_d else x[None]
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _null()
+    total = None
+    for model in models:
+        model.eval()
+        with autocast:
+            p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes,
+                                   sw_batch=8 if two_d else 2)
+        total = p if total is None else total + p
+    probs = total / len(models)
+    probs = probs.permute(1, 0, 2, 3) if two_d else probs[0]
+    return probs.float().cpu().numpy()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

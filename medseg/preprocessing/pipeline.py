@@ -1,0 +1,137 @@
+"""Preprocessing: crop to nonzero → transpose (out-of-plane axis first) → normalise → resample.
+
+Each case becomes ``<case>.npy`` (float32 (C, *spatial)), ``<case>_seg.npy`` (int8 (1, *spatial))
+and ``<case>.json`` (the properties that invert every step, plus foreground locations for
+sampling). The json is written last, so its presence marks a finished case (resumable).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from medseg.io.dataset import Case, Dataset, read_case_image, read_case_label
+from medseg.io.image import Geometry
+from medseg.plans.schema import Configuration, Plans
+from medseg.plans.topology import is_anisotropic
+from medseg.preprocessing.cropping import bbox_of, crop, nonzero_mask
+from medseg.preprocessing.normalization import normalize
+from medseg.preprocessing.resampling import (new_shape_for, resample_image, resample_labels,
+                                             resample_probabilities)
+from medseg.utils import atomic_write_bytes, atomic_write_json
+
+LOCATIONS_PER_CLASS = 10_000
+
+
+def preprocess_image(image: np.ndarray, geometry: Geometry, config: Configuration) -> tuple[np.ndarray, dict]:
+    """(C, X, Y, Z) raw image → (preprocessed (C, *spatial_t), properties to invert it)."""
+    mask = nonzero_mask(image)
+    bbox = bbox_of(mask)
+    data, mask = crop(image, bbox), crop(mask, bbox)
+    tf = config.transpose_forward
+    data = data.transpose([0] + [t + 1 for t in tf])
+    mask = mask.transpose(tf)
+    spacing = [geometry.spacing[t] for t in tf]
+    data = normalize(data, config.normalization, mask)
+    target = config.spacing
+    new_shape = new_shape_for(data.shape[1:], spacing, target)
+    data = resample_image(data, spacing, target, new_shape)
+    props = {"geometry": geometry.to_dict(), "bbox": bbox, "shape_cropped_transposed": list(mask.shape),
+             "spacing_transposed": spacing, "shape_preprocessed": new_shape}
+    return data, props
+
+
+def preprocess_label(label: np.ndarray, props: dict, config: Configuration, labels: list[int]) -> np.ndarray:
+    seg = crop(label, props["bbox"]).transpose(config.transpose_forward)
+    aniso = is_anisotropic(props["spacing_transposed"])
+    return resample_labels(seg, props["shape_preprocessed"], labels, aniso)
+
+
+def export_probabilities(probs: np.ndarray, props: dict, config: Configuration) -> np.ndarray:
+    """Invert preprocessing for softmax probabilities (K, *spatial_t) → label map (X, Y, Z) in the
+    original voxel grid (background outside the crop)."""
+    aniso = is_anisotropic(props["spacing_transposed"])
+    probs = resample_probabilities(probs, props["shape_cropped_transposed"], aniso)
+    seg = np.argmax(probs, axis=0).astype(np.uint8).transpose(config.transpose_backward)
+    out = np.zeros(props["geometry"]["shape"], dtype=np.uint8)
+    out[tuple(slice(a, b) for a, b in props["bbox"])] = seg
+    return out
+
+
+def export_probability_maps(probs: np.ndarray, props: dict, config: Configuration) -> np.ndarray:
+    """Like :func:`export_probabilities` but keeps the (K, X, Y, Z) probabilities (background 1 outside)."""
+    aniso = is_anisotropic(props["spacing_transposed"])
+    probs = resample_probabilities(probs, props["shape_cropped_transposed"], aniso)
+    probs = probs.transpose([0] + [t + 1 for t in config.transpose_backward])
+    out = np.zeros((probs.shape[0], *props["geometry"]["shape"]), dtype=np.float32)
+    out[0] = 1.0
+    out[(slice(None), *(slice(a, b) for a, b in props["bbox"]))] = probs
+    return out
+
+
+def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator) -> dict[str, list[list[int]]]:
+    out = {}
+    for lab in labels:
+        if lab == 0:
+            continue
+        idx = np.argwhere(seg == lab)
+        if len(idx) > LOCATIONS_PER_CLASS:
+            idx = idx[rng.choice(len(idx), LOCATIONS_PER_CLASS, replace=False)]
+        out[str(lab)] = idx.tolist()
+    return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int]) -> str:
+    case, config, labels, out_dir, seed = args
+    image, geometry = read_case_image(case)
+    label, _ = read_case_label(case)
+    data, props = preprocess_image(image, geometry, config)
+    seg = preprocess_label(label, props, config, labels)
+    props["case_id"] = case.case_id
+    props["class_locations"] = class_locations(seg, labels, np.random.default_rng(seed))
+    _save_npy(out_dir / f"{case.case_id}.npy", data.astype(np.float32))
+    _save_npy(out_dir / f"{case.case_id}_seg.npy", seg[None].astype(np.int8))
+    atomic_write_json(out_dir / f"{case.case_id}.json", props)
+    return case.case_id
+
+
+def preprocessed_dir(workdir: Path, config: str) -> Path:
+    return Path(workdir) / "preprocessed" / config
+
+
+def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[str] | None = None,
+                       num_workers: int = 1, progress: bool = False) -> dict[str, int]:
+    """Preprocess every case for each configuration; cases already done are skipped.
+    Returns the number of cases processed per configuration."""
+    from medseg.progress import track
+
+    done = {}
+    for name in configs or list(plans.configurations):
+        config = plans.config(name)
+        out_dir = preprocessed_dir(workdir, name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        todo = [c for c in ds.cases if not (out_dir / f"{c.case_id}.json").exists()]
+        jobs = [(c, config, sorted(plans.labels), out_dir, plans.seed + ds.cases.index(c)) for c in todo]
+        if num_workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(num_workers) as pool:
+                list(track(pool.map(_preprocess_case, jobs), total=len(jobs), description=f"preprocess {name}",
+                           enabled=progress))
+        else:
+            list(track(map(_preprocess_case, jobs), total=len(jobs), description=f"preprocess {name}",
+                       enabled=progress))
+        done[name] = len(jobs)
+    return done
+
+
+def load_properties(folder: Path, case_id: str) -> dict:
+    return json.loads((Path(folder) / f"{case_id}.json").read_text())

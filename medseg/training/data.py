@@ -1,0 +1,510 @@
+"""Training batches: patch sampling with foreground oversampling, batchgenerators augmentation, and
+ordered prefetching in background worker processes.
+
+A batch is a pure function of ``(seed, epoch, index)``: :meth:`BatchSource.batch` derives every
+random draw from ``np.random.SeedSequence([seed, epoch, index])``, so a run resumed at any epoch
+sees exactly the batches it would have seen, whichever process computes them and in whatever order.
+
+Preprocessed case format, in one folder ``F`` (written by ``medseg.preprocessing``):
+
+- ``F/<case>.npy``: float32 image, shape (C, D0, D1, D2), already normalised;
+- ``F/<case>_seg.npy``: int8 labels, shape (1, D0, D1, D2), values 0..K, or -1 outside the image;
+- ``F/<case>.json``: ``{"class_locations": {"1": [[d0, d1, d2], ...], ...}, ...}``, sampled voxel
+  coordinates per foreground class (a list may be empty or a class absent).
+
+Sampling follows nnU-Net v2's data loader: each batch element is a case drawn uniformly; the last
+``max(1, round(batch_size * oversample_foreground))`` elements are centred on a random voxel of a
+random foreground class present in their case (with a small random jitter, see
+:class:`AugmentationParams`), the others on a random location. With spatial augmentation, a larger
+patch is extracted (:func:`initial_patch_size`) and ``SpatialTransform`` rotates/scales about its
+centre and centre-crops it to the patch size; regions outside the case are padded (image 0, labels
+-1) and labels -1 become 0 in the returned target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import random
+import signal
+import sys
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from batchgenerators.augmentations.utils import rotate_coords_2d, rotate_coords_3d
+from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
+from batchgenerators.transforms.color_transforms import (
+    BrightnessMultiplicativeTransform,
+    ContrastAugmentationTransform,
+    GammaTransform,
+)
+from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
+from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
+from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+
+from medseg.errors import DatasetError, MedsegError
+
+__all__ = ["AugmentationParams", "BatchSource", "initial_patch_size"]
+
+_CACHE_CASES = 64  # opened memmaps (and parsed class locations) kept per process
+_PREFETCH_PER_WORKER = 2  # batches computed ahead per worker in iterate()
+_POLL_S = 1.0  # how often iterate() checks that its workers are alive while waiting
+
+
+@dataclass(frozen=True)
+class AugmentationParams:
+    """Every range and probability of the training augmentation (defaults: nnU-Net v1/v2).
+
+    Probabilities ``p_*`` are per batch element unless named ``*_per_channel``/``*_per_axis``.
+    Angles are in degrees; rotation uses ``rotation_deg_3d`` about each axis for 3D patches and
+    ``rotation_deg_2d`` in-plane for 2D patches. ``dataclasses.asdict`` gives a JSON-able dict and
+    :meth:`from_dict` reads it back.
+    """
+
+    # spatial (batchgenerators SpatialTransform; no elastic deformation)
+    rotation_deg_3d: float = 30.0
+    rotation_deg_2d: float = 180.0
+    p_rotation: float = 0.2
+    p_rotation_per_axis: float = 1.0
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    p_scale: float = 0.2
+    order_data: int = 3
+    order_seg: int = 1
+    # the extracted patch is enlarged by 1 / min(this) to leave room for zooming out (nnU-Net v2)
+    initial_patch_scale_range: tuple[float, float] = (0.85, 1.25)
+    # intensity
+    noise_variance: tuple[float, float] = (0.0, 0.1)
+    p_noise: float = 0.1
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    p_blur: float = 0.2
+    p_blur_per_channel: float = 0.5
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    p_brightness: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    p_contrast: float = 0.15
+    low_res_zoom_range: tuple[float, float] = (0.5, 1.0)
+    p_low_res: float = 0.25
+    p_low_res_per_channel: float = 0.5
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    p_gamma_inverted: float = 0.1
+    p_gamma: float = 0.3
+    # foreground sampling: the chosen voxel lies within +-(this * patch size) of the patch centre
+    # (clipped so it always stays inside the patch). nnU-Net centres exactly (0.0).
+    foreground_jitter: float = 0.25
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("p_") and not 0.0 <= value <= 1.0:
+                raise MedsegError(f"augmentation parameter {f.name}={value} must lie in [0, 1]")
+            if isinstance(value, tuple) and (len(value) != 2 or value[0] > value[1]):
+                raise MedsegError(f"augmentation parameter {f.name}={value} must be a range (low, high)")
+        if not 0.0 <= self.foreground_jitter <= 0.5:
+            raise MedsegError(f"foreground_jitter={self.foreground_jitter} must lie in [0, 0.5]")
+        if min(self.scale_range) <= 0 or min(self.initial_patch_scale_range) <= 0:
+            raise MedsegError("augmentation scale ranges must be positive")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AugmentationParams:
+        """Inverse of ``dataclasses.asdict`` (also after a JSON round trip: lists become tuples)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MedsegError(f"unknown augmentation parameter(s) {unknown}; known: {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def rotation_rad(self, ndim: int) -> float:
+        """Largest rotation angle (radians) for a patch of ``ndim`` spatial axes."""
+        return float(np.deg2rad(self.rotation_deg_3d if ndim == 3 else self.rotation_deg_2d))
+
+
+def initial_patch_size(patch_size: Sequence[int], params: AugmentationParams) -> tuple[int, ...]:
+    """Size of the patch to extract so that ``SpatialTransform`` can rotate and scale it, then
+    centre-crop ``patch_size``, without pulling in padding (nnU-Net's ``get_patch_size``).
+
+    As nnU-Net: rotations about one axis at a time, angles capped at 90 degrees, then divided by
+    ``min(params.initial_patch_scale_range)``. Unlike nnU-Net's version, all corners of the patch and
+    all angles up to the limit are considered (nnU-Net rotates one corner by the largest angle only,
+    which under-covers non-square patches). Each axis grows by an even number of voxels so that the
+    centre crop is exact. Returns ``patch_size`` when rotation and scaling are both off.
+    """
+    patch = np.asarray(patch_size, dtype=float)
+    ndim = len(patch)
+    if params.p_rotation == 0 and params.p_scale == 0:
+        return tuple(int(p) for p in patch_size)
+    angle = min(params.rotation_rad(ndim), np.pi / 2) if params.p_rotation > 0 else 0.0
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * ndim, indexing="ij")).reshape(ndim, -1)
+    corners = signs * (patch[:, None] / 2)  # (ndim, 2**ndim), centred
+    extent = patch / 2
+    for a in np.linspace(0.0, angle, 31):
+        rotated = [rotate_coords_2d(corners, a)] if ndim == 2 else [
+            rotate_coords_3d(corners, a, 0, 0),
+            rotate_coords_3d(corners, 0, a, 0),
+            rotate_coords_3d(corners, 0, 0, a),
+        ]
+        for r in rotated:
+            extent = np.maximum(extent, np.abs(r).max(axis=1))
+    if params.p_scale > 0:
+        extent = extent / min(params.initial_patch_scale_range)
+    size = np.ceil(2 * extent - 1e-6).astype(int)
+    size += (size - patch.astype(int)) % 2  # same parity as the patch: integer centre-crop offset
+    return tuple(int(s) for s in size)
+
+
+class BatchSource:
+    """Batches of training patches from a folder of preprocessed cases.
+
+    Args:
+        folder: preprocessed case folder (format in the module docstring).
+        case_ids: the cases to draw from (e.g. one fold's training split).
+        patch_size: 3 ints (3D patches) or 2 ints (2D: slices along spatial axis 0, patch over 1, 2).
+        batch_size: elements per batch.
+        oversample_foreground: share of each batch forced to contain foreground (the last
+            ``max(1, round(batch_size * share))`` elements; none when 0).
+        augment: apply the augmentation pipeline; False returns exact crops of the stored arrays.
+        seed: the run's seed; batches are a pure function of ``(seed, epoch, index)``.
+        mirror_axes: spatial axes of the patch to mirror (None: all; ``()``: no mirroring).
+        params: augmentation ranges and probabilities (None: nnU-Net's defaults).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        batch_size: int,
+        *,
+        oversample_foreground: float = 0.33,
+        augment: bool = True,
+        seed: int = 0,
+        mirror_axes: Sequence[int] | None = None,
+        params: AugmentationParams | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.case_ids = list(case_ids)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.batch_size = int(batch_size)
+        self.oversample_foreground = float(oversample_foreground)
+        self.augment = bool(augment)
+        self.seed = int(seed)
+        self.params = params if params is not None else AugmentationParams()
+        ndim = len(self.patch_size)
+        self.mirror_axes = tuple(range(ndim)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
+        self._validate()
+        self.num_forced_foreground = (
+            0 if self.oversample_foreground <= 0
+            else max(1, round(self.batch_size * self.oversample_foreground))
+        )
+        # the size extracted from the case before SpatialTransform crops it to patch_size
+        self.extract_size = initial_patch_size(self.patch_size, self.params) if augment else self.patch_size
+        self._transform = (
+            _build_transforms(self.patch_size, self.mirror_axes, self.params) if augment else None
+        )
+        self._cache: OrderedDict[str, _Case] = OrderedDict()
+
+    def _validate(self) -> None:
+        ndim = len(self.patch_size)
+        if ndim not in (2, 3) or min(self.patch_size) < 1:
+            raise MedsegError(f"patch_size {list(self.patch_size)} must be 2 or 3 positive ints")
+        if self.batch_size < 1:
+            raise MedsegError(f"batch_size {self.batch_size} must be at least 1")
+        if not 0.0 <= self.oversample_foreground <= 1.0:
+            raise MedsegError(f"oversample_foreground {self.oversample_foreground} must lie in [0, 1]")
+        bad = [a for a in self.mirror_axes if not 0 <= a < ndim]
+        if bad:
+            raise MedsegError(f"mirror_axes {list(self.mirror_axes)}: a {ndim}D patch has axes 0..{ndim - 1}")
+        if not self.case_ids:
+            raise DatasetError(f"{self.folder}: no case ids given")
+        missing = [c for c in self.case_ids if not (self.folder / f"{c}.npy").is_file()]
+        if missing:
+            raise DatasetError(
+                f"{self.folder / (missing[0] + '.npy')}: missing ({len(missing)} case(s) in all); "
+                "run preprocessing for this configuration first"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # workers get the light description only; each opens its own memmaps
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        return state
+
+    # ------------------------------------------------------------------ batches
+
+    def batch(self, epoch: int, index: int) -> dict[str, Any]:
+        """Batch ``index`` of ``epoch``: a pure function of ``(seed, epoch, index)``.
+
+        Returns ``{"data": float32 (B, C, *patch_size), "target": int8 (B, 1, *patch_size) with
+        values 0..K, "case_ids": list[str], "locations": int64 (B, 3)}``. ``locations[b]`` is the
+        case voxel at the patch's first corner before spatial augmentation (2D: ``(slice, d1, d2)``).
+
+        Randomness: case/location draws use a local ``np.random.default_rng``; batchgenerators draws
+        from the global ``np.random`` and Python's ``random`` (Gaussian noise variance), which are
+        seeded here from the same ``SeedSequence`` and restored to their previous states on return,
+        so the caller's global streams are untouched.
+        """
+        sample_seq, augment_seq = np.random.SeedSequence([self.seed, int(epoch), int(index)]).spawn(2)
+        rng = np.random.default_rng(sample_seq)
+        data, seg, case_ids, locations = self._sample(rng)
+        if self._transform is not None:
+            saved = np.random.get_state(), random.getstate()
+            try:
+                state = augment_seq.generate_state(4)
+                np.random.seed(state)
+                random.seed(int.from_bytes(state.tobytes(), "little"))
+                out = self._transform(data=data, seg=seg)
+            finally:
+                np.random.set_state(saved[0])
+                random.setstate(saved[1])
+            data, seg = out["data"], out["seg"]
+        target = np.rint(seg).astype(np.int8)
+        target[target < 0] = 0
+        return {
+            "data": np.ascontiguousarray(data, dtype=np.float32),
+            "target": target,
+            "case_ids": case_ids,
+            "locations": locations,
+        }
+
+    def _sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+        """Draw cases and locations and extract (B, C, *extract_size) image and label arrays."""
+        size = self.extract_size
+        offset = [(e - p) // 2 for e, p in zip(size, self.patch_size, strict=True)]
+        first_forced = self.batch_size - self.num_forced_foreground
+        data = seg = None
+        case_ids: list[str] = []
+        locations = np.zeros((self.batch_size, 3), dtype=np.int64)
+        for b in range(self.batch_size):
+            case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
+            case = self._open(case_id)
+            if data is None:
+                data = np.zeros((self.batch_size, case.image.shape[0], *size), dtype=np.float32)
+                seg = np.full((self.batch_size, 1, *size), -1, dtype=np.int8)
+            elif case.image.shape[0] != data.shape[1]:
+                raise DatasetError(
+                    f"{self.folder / (case_id + '.npy')}: {case.image.shape[0]} channels, "
+                    f"other cases have {data.shape[1]}"
+                )
+            voxel = self._foreground_voxel(case, rng) if b >= first_forced else None
+            if len(size) == 2:
+                z = int(voxel[0]) if voxel is not None else int(rng.integers(case.image.shape[1]))
+                image, labels = case.image[:, z], case.seg[:, z]
+                voxel = voxel[1:] if voxel is not None else None
+            else:
+                z, image, labels = None, case.image, case.seg
+            lbs = self._bbox(image.shape[1:], voxel, rng)
+            _crop_into(image, lbs, data[b])
+            _crop_into(labels, lbs, seg[b])
+            corner = [lb + o for lb, o in zip(lbs, offset, strict=True)]
+            locations[b] = corner if z is None else [z, *corner]
+            case_ids.append(case_id)
+        return data, seg, case_ids, locations
+
+    def _foreground_voxel(self, case: _Case, rng: np.random.Generator) -> np.ndarray | None:
+        """A random voxel of a random foreground class present in the case (None if none is)."""
+        locations = case.class_locations(self.folder)
+        classes = [k for k in sorted(locations) if len(locations[k])]
+        if not classes:
+            return None
+        coords = locations[classes[int(rng.integers(len(classes)))]]
+        return coords[int(rng.integers(len(coords)))]
+
+    def _bbox(self, shape: Sequence[int], voxel: np.ndarray | None, rng: np.random.Generator) -> list[int]:
+        """Lower corner of the extracted region (as nnU-Net's ``get_bbox``).
+
+        Random: the final (centre-cropped) patch lies inside the case where it fits, else the case is
+        centred-ish with padding. Foreground: centred on ``voxel`` plus jitter, clamped to the same
+        bounds; the voxel stays inside the final patch either way.
+        """
+        lbs = []
+        for d, (n, big, p) in enumerate(zip(shape, self.extract_size, self.patch_size, strict=True)):
+            need = max(big - p, big - n)  # total padding allowed beyond the case on this axis
+            lo, hi = -(need // 2), n + (need - need // 2) - big
+            if voxel is None:
+                lbs.append(int(rng.integers(lo, hi + 1)))
+                continue
+            j = min(int(self.params.foreground_jitter * p), (p - 1) // 2)
+            centre = int(voxel[d]) + int(rng.integers(-j, j + 1))
+            lbs.append(min(max(centre - big // 2, lo), hi))
+        return lbs
+
+    def _open(self, case_id: str) -> _Case:
+        case = self._cache.get(case_id)
+        if case is None:
+            case = _Case.open(self.folder, case_id)
+            self._cache[case_id] = case
+            while len(self._cache) > _CACHE_CASES:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(case_id)
+        return case
+
+    # ------------------------------------------------------------------ iteration
+
+    def iterate(self, epoch: int, n_batches: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """Yield ``batch(epoch, i)`` for ``i = 0 .. n_batches - 1`` in order.
+
+        With ``num_workers > 0``, a pool of that many processes ('fork' where available, else
+        'spawn') computes up to ``2 * num_workers`` batches ahead. The pool is closed when the
+        iterator is exhausted and terminated when it is closed early, garbage-collected or
+        interrupted (workers ignore SIGINT; the parent handles it). A worker killed from outside
+        (e.g. out of memory) raises :class:`MedsegError` instead of hanging.
+        """
+        if num_workers <= 0:
+            for i in range(n_batches):
+                yield self.batch(epoch, i)
+            return
+        if n_batches <= 0:
+            return
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
+                                              else "spawn")
+        before = set(multiprocessing.active_children())
+        pool = context.Pool(num_workers, initializer=_worker_init, initargs=(self,))
+        workers = [p for p in multiprocessing.active_children() if p not in before]
+        finished = False
+        try:
+            pending: deque = deque()
+            submitted = 0
+            while pending or submitted < n_batches:
+                while submitted < n_batches and len(pending) < _PREFETCH_PER_WORKER * num_workers:
+                    pending.append(pool.apply_async(_worker_batch, (epoch, submitted)))
+                    submitted += 1
+                result = _wait(pending.popleft(), workers)
+                yield result
+            finished = True
+        finally:
+            if finished:
+                pool.close()
+            else:
+                pool.terminate()
+            pool.join()
+
+
+@dataclass
+class _Case:
+    """One opened case: memory-mapped arrays, class locations parsed on first use."""
+
+    case_id: str
+    image: np.ndarray  # (C, D0, D1, D2) memmap
+    seg: np.ndarray  # (1, D0, D1, D2) memmap
+    _locations: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def open(cls, folder: Path, case_id: str) -> _Case:
+        paths = folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy"
+        arrays = []
+        for path in paths:
+            try:
+                arrays.append(np.load(path, mmap_mode="r"))
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"{path}: cannot read ({e}); re-run preprocessing") from e
+        image, seg = arrays
+        if image.ndim != 4 or seg.shape != (1, *image.shape[1:]):
+            raise DatasetError(
+                f"{paths[1]}: shape {seg.shape} does not fit image {paths[0].name} of shape {image.shape} "
+                "(expected image (C, D0, D1, D2) and labels (1, D0, D1, D2))"
+            )
+        return cls(case_id, image, seg)
+
+    def class_locations(self, folder: Path) -> dict[str, np.ndarray]:
+        if self._locations is None:
+            path = folder / f"{self.case_id}.json"
+            try:
+                raw = json.loads(path.read_text()).get("class_locations", {})
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"{path}: cannot read class locations ({e})") from e
+            # [d0, d1, d2] per voxel; nnU-Net's [c, d0, d1, d2] is accepted too (last three used)
+            self._locations = {
+                str(k): np.asarray(v, dtype=np.int64).reshape(len(v), -1)[:, -3:] if len(v)
+                else np.zeros((0, 3), np.int64)
+                for k, v in raw.items()
+            }
+        return self._locations
+
+
+def _crop_into(array: np.ndarray, lbs: Sequence[int], out: np.ndarray) -> None:
+    """Copy the part of ``array[:, lbs : lbs + size]`` that lies inside it into the pre-filled ``out``
+    (shape (C, *size)); only that region is read from disk."""
+    src, dst = [slice(None)], [slice(None)]
+    for lb, size, n in zip(lbs, out.shape[1:], array.shape[1:], strict=True):
+        a, b = max(lb, 0), min(lb + size, n)
+        if a >= b:
+            return
+        src.append(slice(a, b))
+        dst.append(slice(a - lb, b - lb))
+    out[tuple(dst)] = array[tuple(src)]
+
+
+def _build_transforms(patch_size: Sequence[int], mirror_axes: Sequence[int],
+                      p: AugmentationParams) -> AbstractTransform:
+    """nnU-Net's training pipeline (batchgenerators), ranges and probabilities from ``p``."""
+    ndim = len(patch_size)
+    angle = p.rotation_rad(ndim)
+    rotation = (-angle, angle)
+    no_rotation = (0.0, 0.0)
+    transforms: list[AbstractTransform] = [
+        SpatialTransform(
+            list(patch_size), patch_center_dist_from_border=None,
+            do_elastic_deform=False, alpha=(0, 0), sigma=(0, 0),
+            do_rotation=p.p_rotation > 0, angle_x=rotation,
+            angle_y=rotation if ndim == 3 else no_rotation, angle_z=rotation if ndim == 3 else no_rotation,
+            p_rot_per_axis=p.p_rotation_per_axis,
+            do_scale=p.p_scale > 0, scale=p.scale_range,
+            border_mode_data="constant", border_cval_data=0, order_data=p.order_data,
+            border_mode_seg="constant", border_cval_seg=-1, order_seg=p.order_seg,
+            random_crop=False, p_el_per_sample=0, p_scale_per_sample=p.p_scale,
+            p_rot_per_sample=p.p_rotation, independent_scale_for_each_axis=False,
+        ),
+        GaussianNoiseTransform(noise_variance=p.noise_variance, p_per_sample=p.p_noise),
+        GaussianBlurTransform(p.blur_sigma, different_sigma_per_channel=True, p_per_sample=p.p_blur,
+                              p_per_channel=p.p_blur_per_channel),
+        BrightnessMultiplicativeTransform(multiplier_range=p.brightness_range, p_per_sample=p.p_brightness),
+        ContrastAugmentationTransform(contrast_range=p.contrast_range, p_per_sample=p.p_contrast),
+        SimulateLowResolutionTransform(zoom_range=p.low_res_zoom_range, per_channel=True,
+                                       p_per_channel=p.p_low_res_per_channel, order_downsample=0,
+                                       order_upsample=3, p_per_sample=p.p_low_res),
+        GammaTransform(p.gamma_range, invert_image=True, per_channel=True, retain_stats=True,
+                       p_per_sample=p.p_gamma_inverted),
+        GammaTransform(p.gamma_range, invert_image=False, per_channel=True, retain_stats=True,
+                       p_per_sample=p.p_gamma),
+    ]
+    if mirror_axes:
+        transforms.append(MirrorTransform(tuple(mirror_axes)))
+    return Compose(transforms)
+
+
+# ---------------------------------------------------------------------- worker processes
+
+_WORKER_SOURCE: BatchSource | None = None
+
+
+def _worker_init(source: BatchSource) -> None:
+    global _WORKER_SOURCE
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    source._cache = OrderedDict()  # a forked copy must not share the parent's open memmaps
+    _WORKER_SOURCE = source
+
+
+def _worker_batch(epoch: int, index: int) -> dict[str, Any]:
+    assert _WORKER_SOURCE is not None, "worker not initialised"
+    return _WORKER_SOURCE.batch(epoch, index)
+
+
+def _wait(result: multiprocessing.pool.AsyncResult, workers: list) -> dict[str, Any]:
+    """``result.get()``, but raise instead of waiting forever if a worker was killed."""
+    while True:
+        try:
+            return result.get(timeout=_POLL_S)
+        except multiprocessing.TimeoutError:
+            dead = [p for p in workers if p.exitcode not in (None, 0)]
+            if dead:
+                raise MedsegError(
+                    f"a data-loading worker died (exit code {dead[0].exitcode}; -9 usually means out of "
+                    "memory); use fewer workers or a smaller patch/batch"
+                ) from None

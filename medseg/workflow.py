@@ -1,0 +1,100 @@
+"""The stage functions the CLI calls: one per command, each a thin composition of library parts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from medseg.errors import DatasetError
+from medseg.fingerprint import Fingerprint, compute_fingerprint
+from medseg.io.check import check_dataset
+from medseg.io.dataset import load_dataset
+from medseg.plans.planner import plan_dataset
+from medseg.plans.schema import Plans
+from medseg.preprocessing.pipeline import preprocess_dataset
+from medseg.utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device: str = "cpu",
+         configs: list[str] | None = None, time_budget_min: float | None = None, preprocess: bool = True,
+         num_workers: int | None = None, progress: bool = False, throughput: float | None = None) -> Plans:
+    """check → fingerprint → plans → preprocess. Nothing is written before the check passes."""
+    num_workers = num_workers or default_workers()
+    ds = load_dataset(dataset)
+    for note in ds.notes:
+        log.info("note: %s", note)
+    problems = check_dataset(ds, num_workers=num_workers, progress=progress)
+    if problems:
+        raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
+    workdir = Path(workdir)
+    fp_path = workdir / "fingerprint.json"
+    if fp_path.exists():
+        fp = Fingerprint.load(fp_path)
+        if sorted(c.case_id for c in fp.cases) != sorted(c.case_id for c in ds.cases):
+            fp = None
+    else:
+        fp = None
+    if fp is None:
+        fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fp.save(fp_path)
+    atomic_write_json(workdir / "source.json", {"dataset": str(Path(dataset).resolve())})
+    plans_path = workdir / "plans.json"
+    if plans_path.exists():
+        plans = Plans.load(plans_path)
+        log.info("%s exists; keeping it (delete it to re-plan)", plans_path)
+    else:
+        plans = plan_dataset(fp, device=device, memory_gb=memory_gb, configs=configs or ["2d", "3d_fullres"],
+                             time_budget_min=time_budget_min, throughput=throughput)
+        plans.save(plans_path)
+    if preprocess:
+        preprocess_dataset(ds, plans, workdir, configs=configs, num_workers=num_workers, progress=progress)
+    return plans
+
+
+def preprocess(workdir: Path, configs: list[str] | None = None, num_workers: int | None = None,
+               progress: bool = False) -> dict[str, int]:
+    workdir = Path(workdir)
+    plans = Plans.load(workdir / "plans.json")
+    source = json.loads((workdir / "source.json").read_text())
+    ds = load_dataset(source["dataset"])
+    return preprocess_dataset(ds, plans, workdir, configs=configs, num_workers=num_workers or default_workers(),
+                              progress=progress)
+
+
+NNUNET_REFERENCE = {
+    "hippocampus": {"3d_fullres": "spacing 1x1x1, patch 40x56x40, batch 7, 4 stages (32,64,128,256)",
+                    "2d": "patch 56x40, batch 292"},
+}
+
+
+def info(workdir: Path) -> str:
+    """The plan in nnU-Net's terms: spacing, patch, batch, stages and features, and why."""
+    plans = Plans.load(Path(workdir) / "plans.json")
+    lines = [f"dataset {plans.dataset_name}: {len(plans.channel_names)} channel(s) {plans.channel_names}, "
+             f"labels {plans.labels}, planned for {plans.device}"]
+    for name, c in plans.configurations.items():
+        a = c.architecture
+        spacing = "x".join(f"{s:g}" for s in (c.spacing if c.dim == 3 else c.spacing[1:]))
+        lines.append(f"{name}: spacing {spacing}, patch {'x'.join(map(str, c.patch_size))}, batch {c.batch_size}, "
+                     f"{a.num_stages} stages ({','.join(map(str, a.features))}), median shape "
+                     f"{'x'.join(map(str, c.median_shape))}, transpose {c.transpose_forward}")
+        lines.append(f"    strides {a.strides}")
+        lines.append(f"    kernels {a.kernel_sizes}")
+        lines.append(f"    training: {c.training.epochs} epochs x {c.training.iterations_per_epoch} iterations"
+                     + (f", planned for {c.training.time_budget_min:g} min" if c.training.time_budget_min else ""))
+        lines.append(f"    memory: {c.memory.estimate_gb:.2f} GB of {c.memory.budget_gb:.1f} GB"
+                     f" ({c.memory.flops_per_step / 1e9:.0f} GFLOP per step)")
+        lines.append(f"    why: {c.memory.decision}")
+        ref = NNUNET_REFERENCE.get(plans.dataset_name.lower(), {}).get(name)
+        if ref:
+            lines.append(f"    nnU-Net v2 default for this dataset: {ref}")
+    return "\n".join(lines)
