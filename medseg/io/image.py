@@ -24,6 +24,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def image_suffix(path: str | Path) -> str:
@@ -176,6 +178,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, dtype: 
             nib.save(img, tmp)
         else:
             sitk.WriteImage(_to_sitk(array, geometry), tmp, useCompression=True)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

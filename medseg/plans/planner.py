@@ -86,7 +86,7 @@ def _architecture(spacing: Sequence[float], patch: Sequence[int], base: int) -> 
 
 def _plan_configuration(name: str, spacing: list[float], median_shape: list[float], transpose: list[int],
                         fp: Fingerprint, *, device: str, memory_gb: float, time_budget_min: float,
-                        throughput: float | None) -> Configuration:
+                        throughput: float | None, dataset_voxels: float) -> Configuration:
     dim = len(spacing)
     n_in, n_cls = len(fp.channel_names), max(fp.labels) + 1
     inv = 1.0 / np.asarray(spacing)
@@ -109,11 +109,7 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
         patch[axis] -= step
         arch, patch = _architecture(spacing, patch, BASE_FEATURES)
 
-    total_voxels = float(np.sum([np.prod(c.shape_after_crop) for c in fp.cases]))
-    if dim == 2:
-        total_voxels = float(np.prod(median_shape)) * len(fp.cases) * 1.0  # slices already counted in-plane
-        total_voxels = float(np.sum([np.prod(c.shape_after_crop) for c in fp.cases]))
-    batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * total_voxels / np.prod(patch)))
+    batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * dataset_voxels / np.prod(patch)))
     per_sample = estimate_costs(arch, patch, 1, n_in, n_cls).activation_bytes
     weights = OPTIMISER_COPIES * 4 * estimate_costs(arch, patch, 1, n_in, n_cls).parameters
     mem_batch = max(MIN_BATCH, int((budget - weights) // per_sample))
@@ -189,14 +185,15 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
     shapes = fp.shapes_after_crop() * spacings / np.asarray(spacing)
     median_shape = np.median(shapes, axis=0)[tf]
     spacing_t = [spacing[i] for i in tf]
+    # as nnU-Net: the dataset's size approximated by the 3D median shape times the number of cases
+    common = dict(device=dev, memory_gb=memory_gb, time_budget_min=time_budget_min, throughput=throughput,
+                  dataset_voxels=float(np.prod(median_shape, dtype=np.float64)) * len(fp.cases))
     out = {}
     for name in configs:
         if name == "3d_fullres":
-            out[name] = _plan_configuration(name, spacing_t, list(median_shape), tf, fp, device=dev, memory_gb=memory_gb,
-                                            time_budget_min=time_budget_min, throughput=throughput)
+            out[name] = _plan_configuration(name, spacing_t, list(median_shape), tf, fp, **common)
         else:
-            out[name] = _plan_configuration(name, spacing_t[1:], list(median_shape[1:]), tf, fp, device=dev,
-                                            memory_gb=memory_gb, time_budget_min=time_budget_min, throughput=throughput)
+            out[name] = _plan_configuration(name, spacing_t[1:], list(median_shape[1:]), tf, fp, **common)
             out[name].spacing = [spacing_t[0], *out[name].spacing]  # 2d keeps the out-of-plane spacing as is
     return Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, device=dev,
                  seed=seed, configurations=out, medseg_version=__version__)

@@ -47,14 +47,14 @@ def preprocess_image(image: np.ndarray, geometry: Geometry, config: Configuratio
 
 def preprocess_label(label: np.ndarray, props: dict, config: Configuration, labels: list[int]) -> np.ndarray:
     seg = crop(label, props["bbox"]).transpose(config.transpose_forward)
-    aniso = is_anisotropic(props["spacing_transposed"])
+    aniso = is_anisotropic(props["spacing_transposed"]) or is_anisotropic(config.spacing)
     return resample_labels(seg, props["shape_preprocessed"], labels, aniso)
 
 
 def export_probabilities(probs: np.ndarray, props: dict, config: Configuration) -> np.ndarray:
     """Invert preprocessing for softmax probabilities (K, *spatial_t) → label map (X, Y, Z) in the
     original voxel grid (background outside the crop)."""
-    aniso = is_anisotropic(props["spacing_transposed"])
+    aniso = is_anisotropic(props["spacing_transposed"]) or is_anisotropic(config.spacing)
     probs = resample_probabilities(probs, props["shape_cropped_transposed"], aniso)
     seg = np.argmax(probs, axis=0).astype(np.uint8).transpose(config.transpose_backward)
     out = np.zeros(props["geometry"]["shape"], dtype=np.uint8)
@@ -64,7 +64,7 @@ def export_probabilities(probs: np.ndarray, props: dict, config: Configuration) 
 
 def export_probability_maps(probs: np.ndarray, props: dict, config: Configuration) -> np.ndarray:
     """Like :func:`export_probabilities` but keeps the (K, X, Y, Z) probabilities (background 1 outside)."""
-    aniso = is_anisotropic(props["spacing_transposed"])
+    aniso = is_anisotropic(props["spacing_transposed"]) or is_anisotropic(config.spacing)
     probs = resample_probabilities(probs, props["shape_cropped_transposed"], aniso)
     probs = probs.transpose([0] + [t + 1 for t in config.transpose_backward])
     out = np.zeros((probs.shape[0], *props["geometry"]["shape"]), dtype=np.float32)

@@ -30,7 +30,7 @@ def load_or_create_splits(workdir: Path, case_ids: list[str], seed: int = 0) -> 
         splits = json.loads(path.read_text())
         known = set(case_ids)
         for k, s in enumerate(splits):
-            unknown = sorted(set(s["train"]) | set(s["val"]) - known)
+            unknown = sorted((set(s["train"]) | set(s["val"])) - known)
             if unknown:
                 raise MedsegError(f"{path}: fold {k} names case {unknown[0]!r}, which is not preprocessed")
         return splits

@@ -1,0 +1,85 @@
+"""Training loop contracts: exact resume, checkpoints, budgets, splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medseg import workflow
+from medseg.errors import CheckpointError
+from medseg.plans.schema import Plans
+from medseg.training.checkpoint import load_checkpoint
+from medseg.training.loop import poly_lr, train_fold
+from medseg.training.splits import make_splits
+
+
+def _tiny_plan(dataset, workdir):
+    workflow.plan(dataset, workdir, configs=["3d_fullres"], num_workers=1, throughput=1e12, preprocess=False)
+    plans = Plans.load(workdir / "plans.json")
+    c = plans.configurations["3d_fullres"]
+    c.patch_size = [16, 16, 16]
+    c.batch_size = 2
+    c.architecture.features = [4, 8, 16][: c.architecture.num_stages]
+    c.architecture.strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+    c.architecture.kernel_sizes = [[3, 3, 3]] * 3
+    c.architecture.features = [4, 8, 16]
+    c.training.iterations_per_epoch = 3
+    c.training.val_iterations = 2
+    plans.save(workdir / "plans.json")
+    workflow.preprocess(workdir, num_workers=1)
+    return plans
+
+
+def _weights(run):
+    return load_checkpoint(run / "checkpoint_latest.pt")["model"]
+
+
+def test_resume_gives_identical_weights(msd_dataset, tmp_path):
+    torch.set_num_threads(1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _tiny_plan(msd_dataset, a)
+    _tiny_plan(msd_dataset, b)
+    run_a = train_fold(a, "3d_fullres", 0, epochs=2, validate_full=False)
+    train_fold(b, "3d_fullres", 0, epochs=1, validate_full=False)
+    run_b = train_fold(b, "3d_fullres", 0, epochs=2, resume=True, validate_full=False)
+    wa, wb = _weights(run_a), _weights(run_b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    log = [json.loads(line) for line in (run_b / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert (run_b / "curves.png").stat().st_size > 0
+    assert (run_b / "checkpoint_final.pt").exists() and (run_b / "checkpoint_best.pt").exists()
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(msd_dataset, tmp_path):
+    _tiny_plan(msd_dataset, tmp_path)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train_fold(tmp_path, "3d_fullres", 0, epochs=1, resume=True, validate_full=False)
+    train_fold(tmp_path, "3d_fullres", 0, epochs=1, validate_full=False)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train_fold(tmp_path, "3d_fullres", 0, epochs=1, validate_full=False)
+
+
+def test_checkpoints_load_with_weights_only(msd_dataset, tmp_path):
+    _tiny_plan(msd_dataset, tmp_path)
+    run = train_fold(tmp_path, "3d_fullres", 1, epochs=1, validate_full=False)
+    for name in ("latest", "best", "final"):
+        state = torch.load(run / f"checkpoint_{name}.pt", weights_only=True)
+        assert "model" in state
+
+
+def test_poly_schedule_and_splits_are_well_formed():
+    assert poly_lr(0.01, 0.0) == 0.01
+    assert poly_lr(0.01, 1.0) == 0.0
+    assert poly_lr(0.01, 0.5) == pytest.approx(0.01 * 0.5**0.9)
+    ids = [f"c{i:02d}" for i in range(23)]
+    splits = make_splits(ids, seed=3)
+    assert len(splits) == 5
+    vals = [c for s in splits for c in s["val"]]
+    assert sorted(vals) == ids
+    for s in splits:
+        assert not set(s["train"]) & set(s["val"])
+    assert make_splits(ids, seed=3) == splits
