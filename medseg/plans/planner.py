@@ -21,7 +21,7 @@ from medseg.fingerprint import Fingerprint
 from medseg.io.dataset import channel_normalization
 from medseg.networks.unet import estimate_costs
 from medseg.plans import topology
-from medseg.plans.schema import (Architecture, Configuration, MemoryEstimate, Normalization, Plans, Training)
+from medseg.plans.schema import Architecture, Configuration, MemoryEstimate, Normalization, Plans, Training
 
 log = logging.getLogger(__name__)
 

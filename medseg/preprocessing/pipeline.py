@@ -20,8 +20,12 @@ from medseg.plans.schema import Configuration, Plans
 from medseg.plans.topology import is_anisotropic
 from medseg.preprocessing.cropping import bbox_of, crop, nonzero_mask
 from medseg.preprocessing.normalization import normalize
-from medseg.preprocessing.resampling import (new_shape_for, resample_image, resample_labels,
-                                             resample_probabilities)
+from medseg.preprocessing.resampling import (
+    new_shape_for,
+    resample_image,
+    resample_labels,
+    resample_probabilities,
+)
 from medseg.utils import atomic_write_bytes, atomic_write_json
 
 LOCATIONS_PER_CLASS = 10_000

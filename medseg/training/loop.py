@@ -219,7 +219,7 @@ def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path,
                   device: str = "cpu", progress: bool = False) -> dict:
     """Predict the fold's validation cases in full from the raw images (native geometry) and evaluate."""
     from medseg.evaluation.report import evaluate_folder, format_summary
-    from medseg.inference.predictor import predict_case, read_input, InputCase
+    from medseg.inference.predictor import InputCase, predict_case, read_input
     from medseg.io.dataset import load_dataset
     from medseg.io.image import write_image
     from medseg.progress import track
