@@ -1,0 +1,93 @@
+"""Prediction contracts: outputs carry the input's exact geometry; skipping, probabilities, errors."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from helpers import make_case
+from test_training import _tiny_plan
+
+from medseg.errors import MedsegError
+from medseg.inference.predictor import predict_folder
+from medseg.inference.sliding_window import predict_logits_tta
+from medseg.training.loop import train_fold
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from helpers import make_msd_dataset
+
+    root = tmp_path_factory.mktemp("pred")
+    ds = make_msd_dataset(root / "ds", n_cases=4)
+    _tiny_plan(ds, root / "wd")
+    train_fold(root / "wd", "3d_fullres", 0, epochs=1, validate_full=False)
+    return root / "wd"
+
+
+def test_nifti_output_has_the_input_header(trained, tmp_path):
+    image, _ = make_case(shape=(22, 19, 17), seed=5)
+    affine = np.array([[0.0, -1.2, 0.0, 30.0], [0.9, 0.0, 0.0, -12.0], [0.0, 0.0, 2.0, 5.0], [0, 0, 0, 1]])
+    src = nib.Nifti1Image(image[0], affine)
+    src.set_qform(affine, code=1)
+    src.set_sform(affine, code=2)
+    (tmp_path / "in").mkdir()
+    nib.save(src, tmp_path / "in" / "x.nii.gz")
+    written = predict_folder(tmp_path / "in", tmp_path / "out", trained, folds=[0], save_probabilities=True)
+    out = nib.load(written[0])
+    assert out.shape == src.shape
+    np.testing.assert_allclose(out.affine, affine)
+    assert int(out.header["qform_code"]) == 1 and int(out.header["sform_code"]) == 2
+    assert out.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asanyarray(out.dataobj))) <= {0, 1, 2}
+    probs = nib.load(tmp_path / "out" / "x_probabilities.nii.gz")
+    assert probs.shape == (*src.shape, 3)
+    np.testing.assert_allclose(np.asanyarray(probs.dataobj).sum(-1), 1.0, atol=1e-4)
+
+
+def test_nrrd_output_keeps_origin_direction_spacing(trained, tmp_path):
+    image, _ = make_case(shape=(20, 24, 16), seed=6)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image[0].transpose(2, 1, 0)))
+    img.SetSpacing((1.1, 0.9, 1.3))
+    img.SetOrigin((-10.0, 4.0, 7.5))
+    c, s = np.cos(0.3), np.sin(0.3)
+    img.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(img, str(tmp_path / "in" / "y.nrrd"))
+    predict_folder(tmp_path / "in", tmp_path / "out", trained, folds=[0], tta=False)
+    out = sitk.ReadImage(str(tmp_path / "out" / "y.nrrd"))
+    assert out.GetSize() == img.GetSize()
+    np.testing.assert_allclose(out.GetSpacing(), img.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(out.GetOrigin(), img.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(out.GetDirection(), img.GetDirection(), atol=1e-6)
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(trained, tmp_path):
+    image, _ = make_case(seed=7)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(image[0], np.eye(4)), tmp_path / "in" / "z.nii.gz")
+    assert len(predict_folder(tmp_path / "in", tmp_path / "out", trained, tta=False)) == 1
+    assert predict_folder(tmp_path / "in", tmp_path / "out", trained, tta=False) == []
+    assert len(predict_folder(tmp_path / "in", tmp_path / "out", trained, tta=False, overwrite=True)) == 1
+
+
+def test_wrong_channel_count_is_refused(trained, tmp_path):
+    image = np.random.default_rng(0).normal(size=(20, 24, 16, 2)).astype(np.float32)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "in" / "two.nii.gz")
+    with pytest.raises(MedsegError, match="two.nii.gz: 2 channel"):
+        predict_folder(tmp_path / "in", tmp_path / "out", trained)
+
+
+def test_sliding_window_with_mirroring_is_exact_for_an_equivariant_predictor():
+    """Oracle: a predictor whose logits are a pointwise function of the input gives, through
+    windows, Gaussian blending and mirroring, exactly the softmax of that function."""
+    x = torch.randn(1, 1, 23, 17, 29)
+
+    def predictor(t):
+        return torch.cat([t, 2 * t, -t], dim=1)
+
+    probs = predict_logits_tta(predictor, x, (16, 16, 16), step=0.5, mirror_axes=(0, 1, 2))
+    np.testing.assert_allclose(probs.numpy(), torch.softmax(predictor(x), 1).numpy(), atol=1e-5)
