@@ -28,6 +28,7 @@ from medseg.training.curves import plot_curves
 from medseg.training.data import BatchSource
 from medseg.training.losses import DeepSupervisionLoss
 from medseg.training.splits import load_or_create_splits
+from medseg.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
@@ -44,6 +45,8 @@ class Budget:
     def from_plan(cls, config: Configuration, epochs: int | None = None, iterations_per_epoch: int | None = None,
                   time_budget_min: float | None = None) -> Budget:
         t = config.training
+        if time_budget_min is None and epochs is None and iterations_per_epoch is None:
+            time_budget_min = t.time_budget_min  # the plan's wall clock applies unless the user set a budget
         return cls(epochs or t.epochs, iterations_per_epoch or t.iterations_per_epoch, t.val_iterations,
                    time_budget_min)
 
@@ -128,7 +131,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
     meta = {"plans_config": config.model_dump(), "fold": fold, "device": device, "budget": asdict(budget),
             "train_cases": len(train_ids), "val_cases": len(val_ids), "seed": seed, "medseg_version": __version__,
             "torch_version": torch.__version__}
-    (run / "run.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(run / "run.json", json.dumps(meta, indent=2))
     log_path = run / "log.jsonl"
 
     def elapsed() -> float:
@@ -185,8 +188,6 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
                    "samples_per_s": budget.iterations_per_epoch * config.batch_size / max(train_s, 1e-9),
                    "elapsed_s": elapsed()}
             state["history"].append(rec)
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
             log.info("epoch %d/%d  train %.4f  val %.4f  pseudo-Dice %.3f (ema %.3f)  lr %.5f  %.1fs",
                      epoch + 1, budget.epochs, rec["train_loss"], rec["val_loss"], pseudo, state["ema"], lr,
                      rec["epoch_s"])
@@ -196,6 +197,8 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
                     "scaler": scaler.state_dict() if amp else None, "torch_rng": torch.get_rng_state(),
                     "config": config.name, "fold": str(fold), **state}
             save_checkpoint(latest, ckpt)
+            # the log is rewritten from the checkpoint's history, so a kill never leaves them disagreeing
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
             if state["ema"] > state["best_ema"]:
                 state["best_ema"] = state["ema"]
                 ckpt["best_ema"] = state["ema"]
@@ -218,6 +221,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
 def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path, val_ids: list[str], *,
                   device: str = "cpu", progress: bool = False) -> dict:
     """Predict the fold's validation cases in full from the raw images (native geometry) and evaluate."""
+    from medseg.evaluation.overlay import save_overlays
     from medseg.evaluation.report import evaluate_folder, format_summary
     from medseg.inference.predictor import InputCase, predict_case, read_input
     from medseg.io.dataset import load_dataset
@@ -243,6 +247,8 @@ def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path,
             lab_link.symlink_to(case.label)
     predict_s = time.perf_counter() - t0
     summary = evaluate_folder(out, ref, run / "val_report", labels=plans.labels)
+    save_overlays([(cid, ds.case(cid).images[0], out / f"{cid}.nii.gz", next(ref.glob(f"{cid}.*")))
+                   for cid in val_ids], run / "val_report" / "overlays.png")
     summary["predict_seconds_per_case"] = predict_s / max(1, len(val_ids))
     (run / "val_report" / "timing.json").write_text(json.dumps({"predict_s": predict_s, "cases": len(val_ids)}))
     log.info("validation (%d cases):\n%s", len(val_ids), format_summary(summary))
