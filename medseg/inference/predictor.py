@@ -13,7 +13,8 @@ import torch
 
 from medseg.errors import CheckpointError, MedsegError
 from medseg.inference.sliding_window import predict_volume
-from medseg.io.image import image_suffix, read_image, write_image
+from medseg.io.dataset import Case, read_case_image
+from medseg.io.image import image_suffix, write_image
 from medseg.networks.unet import build_network
 from medseg.plans.schema import Configuration, Plans
 from medseg.preprocessing.pipeline import export_probabilities, export_probability_maps, preprocess_image
@@ -60,14 +61,8 @@ def find_inputs(path: Path, num_channels: int) -> list[InputCase]:
 
 
 def read_input(case: InputCase, num_channels: int):
-    arrays, geometry = [], None
-    for f in case.files:
-        arr, geo = read_image(f)
-        geometry = geometry or geo
-        if (diff := geometry.matches(geo)) is not None:
-            raise MedsegError(f"{f}: channel geometry differs from {case.files[0].name}: {diff}")
-        arrays.append(arr.astype(np.float32, copy=False))
-    image = np.concatenate(arrays)
+    """All channels of an input case as float32 (C, X, Y, Z) + geometry, checked against the model."""
+    image, geometry = read_case_image(Case(case.case_id, case.files, None))
     if image.shape[0] != num_channels:
         raise MedsegError(f"{case.files[0]}: {image.shape[0]} channel(s); the model expects {num_channels}")
     if not np.isfinite(image).all():
