@@ -35,6 +35,7 @@ CPU_WIDTH_CHOICES = (32, 24, 16, 12, 8)
 DEFAULT_CPU_TIME_BUDGET_MIN = 30.0
 GPU_EPOCHS, GPU_ITERATIONS = 1000, 250
 CPU_ITERATIONS_PER_EPOCH = 50
+CPU_STEP_OVERHEAD = 1.15  # data loading in a worker process and the per-epoch validation patches
 OPTIMISER_COPIES = 4  # weights, gradients, momentum, and one transient copy
 
 
@@ -53,23 +54,32 @@ def default_memory_gb(device: str) -> float:
     return min(0.25 * ram, 8.0)
 
 
-def measure_throughput(device: str = "cpu") -> float:
-    """Training FLOP/s of this device on a U-Net-like conv workload (about a second to run)."""
+def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, in_channels: int,
+                         num_classes: int, device: str = "cpu", steps: int = 2) -> float:
+    """Seconds per real training step (forward, deep-supervision loss, backward, SGD) on random data,
+    after one warm-up step; the fastest of ``steps``."""
     import torch
 
-    conv = torch.nn.Conv3d(32, 32, 3, padding=1).to(device)
-    x = torch.randn(2, 32, 24, 32, 24, device=device, requires_grad=True)
-    flops = 3 * 2 * 27 * 32 * 32 * x[0, 0].numel() * 2
+    from medseg.networks.unet import build_network
+    from medseg.training.losses import DeepSupervisionLoss
+
+    net = build_network(arch, in_channels, num_classes).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    loss_fn = DeepSupervisionLoss()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_channels, *patch, generator=gen).to(device)
+    y = torch.randint(0, num_classes, (batch, 1, *patch), generator=gen).to(device)
     best = float("inf")
-    for _ in range(4):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    for i in range(steps + 1):
         t = time.perf_counter()
-        conv(x).sum().backward()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return flops / best
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return best
 
 
 def _features(base: int, stages: int, dim: int) -> list[int]:
@@ -120,22 +130,31 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
                f"{memory_gb:.1f} GB allow; batch {batch} = min(memory {mem_batch}, 5% of dataset voxels {batch_cap})")
         epochs, iters, budget_min, step_s = GPU_EPOCHS, GPU_ITERATIONS, None, None
     else:
-        throughput = throughput or measure_throughput("cpu")
         target_step = time_budget_min * 60.0 / CPU_TARGET_ITERATIONS
-        chosen = None
+        if throughput:  # analytic model at a given FLOP/s (deterministic; used by tests and dry runs)
+            def step_time(a: Architecture, b: int) -> float:
+                return estimate_costs(a, patch, b, n_in, n_cls).train_flops / throughput
+            how = f"analytic FLOPs at {throughput / 1e9:.0f} GFLOP/s"
+        else:  # measured: small networks are dominated by overheads a FLOP count does not see
+            def step_time(a: Architecture, b: int) -> float:
+                return CPU_STEP_OVERHEAD * measure_step_seconds(a, patch, b, n_in, n_cls)
+            how = f"measured training steps x {CPU_STEP_OVERHEAD} for data loading and validation"
+        cap = min(batch_cap, mem_batch)
         for base in CPU_WIDTH_CHOICES:
-            a, _ = _architecture(spacing, patch, base)
-            per_sample_s = estimate_costs(a, patch, 1, n_in, n_cls).train_flops / throughput
-            batch = int(min(batch_cap, mem_batch, max(MIN_BATCH, target_step // per_sample_s)))
-            if batch * per_sample_s <= target_step or base == CPU_WIDTH_CHOICES[-1]:
-                chosen = (base, a, batch, batch * per_sample_s)
+            arch, _ = _architecture(spacing, patch, base)
+            step_s = step_time(arch, MIN_BATCH)
+            if step_s <= target_step or base == CPU_WIDTH_CHOICES[-1]:
                 break
-        base, arch, batch, step_s = chosen
+        batch = int(min(cap, max(MIN_BATCH, MIN_BATCH * target_step // step_s)))
+        if batch > MIN_BATCH:  # one refinement: per-sample cost falls with batch size when overheads dominate
+            longer = step_time(arch, batch)
+            if longer > target_step:
+                batch = int(max(MIN_BATCH, batch * target_step // longer))
+            step_s = step_time(arch, batch)
         why = (f"CPU plan (compute-bound): {time_budget_min:g} min budget / {CPU_TARGET_ITERATIONS} target steps "
-               f"= {target_step:.2f} s per step at {throughput / 1e9:.0f} GFLOP/s measured; widest base width "
-               f"from {list(CPU_WIDTH_CHOICES)} meeting it is {base} at batch {batch} (est. {step_s:.2f} s/step); "
-               f"patch {patch} from median shape {list(map(int, median_shape))}; GPU-style batch would be "
-               f"{min(mem_batch, batch_cap)}")
+               f"= {target_step:.3f} s per step ({how}); widest base width from {list(CPU_WIDTH_CHOICES)} meeting "
+               f"it is {base} at batch {batch} (est. {step_s:.3f} s/step); patch {patch} from median shape "
+               f"{list(map(int, median_shape))}; GPU-style batch would be {cap}")
         iters = CPU_ITERATIONS_PER_EPOCH
         epochs = int(np.ceil(CPU_TARGET_ITERATIONS / iters))
         budget_min = time_budget_min
@@ -177,8 +196,6 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
     dev = "cuda" if device.startswith("cuda") else "cpu"
     memory_gb = memory_gb or default_memory_gb(device)
     time_budget_min = time_budget_min or DEFAULT_CPU_TIME_BUDGET_MIN
-    if dev == "cpu" and throughput is None:
-        throughput = measure_throughput("cpu")
     spacings = fp.spacings()
     spacing = topology.target_spacing(spacings)
     tf = topology.transpose_forward(spacing)
