@@ -9,6 +9,7 @@ from medseg import workflow
 from medseg.evaluation.overlay import save_overlays
 from medseg.evaluation.report import evaluate_folder, format_summary
 from medseg.inference.predictor import predict_folder
+from medseg.plans.schema import Plans
 from medseg.training.loop import train_fold
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def run_demo(output: Path, *, minutes: float = 3.0, device: str = "cpu", progres
                    device=device, progress=progress)
     log.info("[4/4] evaluate against labelsTs")
     report = output / "report"
-    summary = evaluate_folder(pred, DEMO_DATASET / "labelsTs", report)
+    labels = Plans.load(workdir / "plans.json").labels
+    summary = evaluate_folder(pred, DEMO_DATASET / "labelsTs", report, labels=labels)
     save_overlays([(f.name[:-7], f, pred / f.name, DEMO_DATASET / "labelsTs" / f.name)
                    for f in sorted((DEMO_DATASET / "imagesTs").glob("*.nii.gz"))], report / "overlays.png")
     log.info(format_summary(summary))
