@@ -104,7 +104,7 @@ def train(
     time_budget: float = typer.Option(None, "--time-budget", help="Wall-clock minutes for the training loop."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run (also extends a finished one)."),
     device: str = typer.Option(None, "--device"),
-    workers: int = typer.Option(1, "--workers", help="Background augmentation processes."),
+    workers: int = typer.Option(None, "--workers", help="Augmentation processes (default: 1 on CPU, up to 8 on CUDA)."),
     no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full validation."),
 ) -> None:
     """Train one fold (or all five) of a configuration."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from medseg.training.checkpoint import load_checkpoint, save_checkpoint
 from medseg.training.curves import plot_curves
 from medseg.training.data import BatchSource
 from medseg.training.losses import DeepSupervisionLoss
-from medseg.training.splits import load_or_create_splits
+from medseg.training.splits import NUM_FOLDS, load_or_create_splits
 from medseg.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,14 @@ def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> 
 
 def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int | None = None,
                iterations_per_epoch: int | None = None, time_budget_min: float | None = None,
-               resume: bool = False, device: str = "cpu", num_workers: int = 1, validate_full: bool = True,
+               resume: bool = False, device: str = "cpu", num_workers: int | None = None, validate_full: bool = True,
                progress: bool = False) -> Path:
-    """Train one fold (0..4 or "all") of a configuration. Returns the run directory."""
+    """Train one fold (0..4 or "all") of a configuration. Returns the run directory.
+
+    ``num_workers``: augmentation processes (default 1 on CPU, up to 8 on CUDA)."""
     workdir = Path(workdir)
+    if num_workers is None:  # on a CPU the cores belong to torch; a GPU wants augmentation in parallel
+        num_workers = 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
     plans = Plans.load(workdir / "plans.json")
     config = plans.config(config_name)
     run = workdir / "runs" / config.name / f"fold_{fold}"
@@ -102,7 +107,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
         raise CheckpointError(f"{latest}: nothing to resume")
     train_ids, val_ids = _fold_case_ids(workdir, plans, config, fold)
     budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
-    seed = plans.seed + (hash(str(fold)) % 1000 if fold == "all" else int(fold))
+    seed = plans.seed + (NUM_FOLDS if fold == "all" else int(fold))
     torch.manual_seed(seed)
     n_classes = plans.num_classes
     model = build_network(config.architecture, len(plans.channel_names), n_classes).to(device)
