@@ -83,3 +83,36 @@ def test_poly_schedule_and_splits_are_well_formed():
     for s in splits:
         assert not set(s["train"]) & set(s["val"])
     assert make_splits(ids, seed=3) == splits
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(msd_dataset, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO_ROOT
+
+    torch.set_num_threads(1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _tiny_plan(msd_dataset, a)
+    _tiny_plan(msd_dataset, b)
+    run_a = train_fold(a, "3d_fullres", 0, epochs=8, validate_full=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "medseg", "train", str(b), "-c", "3d_fullres", "-f", "0",
+                             "--epochs", "8", "--no-validation"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = b / "runs" / "3d_fullres" / "fold_0" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_b = log.parent
+    assert not (run_b / "checkpoint_final.pt").exists(), "the run finished before it could be killed"
+    train_fold(b, "3d_fullres", 0, epochs=8, resume=True, validate_full=False)
+    wa, wb = _weights(run_a), _weights(run_b)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == list(range(1, 9))
