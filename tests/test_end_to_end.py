@@ -28,7 +28,7 @@ def _random_baseline_dice() -> float:
 @pytest.mark.slow
 def test_demo_beats_all_background_and_random(tmp_path):
     out = tmp_path / "demo"
-    result = run_medseg("demo", "-o", str(out), "--minutes", "1.5", timeout=900)
+    result = run_medseg("demo", "-o", str(out), "--minutes", "3", timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["n_cases"] == 4
@@ -40,5 +40,5 @@ def test_demo_beats_all_background_and_random(tmp_path):
     assert (out / "report" / "metrics.png").stat().st_size > 0
     assert (out / "model" / "runs" / "3d_fullres" / "fold_all" / "curves.png").exists()
     # a second run reuses everything and predicts nothing new
-    again = run_medseg("demo", "-o", str(out), "--minutes", "1.5", timeout=300)
+    again = run_medseg("demo", "-o", str(out), "--minutes", "3", timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
