@@ -61,6 +61,8 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(msd_dataset, tmp_path)
     train_fold(tmp_path, "3d_fullres", 0, epochs=1, validate_full=False)
     with pytest.raises(CheckpointError, match="--resume"):
         train_fold(tmp_path, "3d_fullres", 0, epochs=1, validate_full=False)
+    run = train_fold(tmp_path, "3d_fullres", 0, epochs=2, resume=True, validate_full=False)  # extend a finished run
+    assert load_checkpoint(run / "checkpoint_final.pt")["epoch"] == 2
 
 
 def test_checkpoints_load_with_weights_only(msd_dataset, tmp_path):
