@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.networks.layers.factories import Act, Conv, Norm
+from monai.networks.layers.factories import Act, Conv, Norm, Pool
 from torch import nn
 
 # Elements kept for backward per conv–norm–activation, in units of its output size: the conv output
@@ -43,15 +43,151 @@ class PlainBlock(nn.Sequential):
         super().__init__(*layers)
 
     @staticmethod
-    def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, n: int = 2) -> tuple[float, float]:
-        """(stored activation elements, forward FLOPs) for one sample."""
+    def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, n: int = 2,
+             stride: Sequence[int] = ()) -> tuple[float, float, int]:
+        """(stored activation elements, forward FLOPs, parameters) for one sample."""
         k = float(np.prod(kernel))
         flops = 2 * k * in_ch * out_ch * out_voxels + (n - 1) * 2 * k * out_ch * out_ch * out_voxels
         elements = n * STORED_TENSORS_PER_CONV * out_ch * out_voxels
-        return elements, flops
+        params = int(k * in_ch * out_ch + 3 * out_ch + (n - 1) * (k * out_ch * out_ch + 3 * out_ch))
+        return elements, flops, params
 
 
-ENCODER_BLOCKS: dict[str, type[nn.Module]] = {"plain": PlainBlock}
+class ResidualUnit(nn.Module):
+    """Basic residual block (He et al.): conv–norm–act → conv–norm, plus the input (projected by a
+    strided 1x1 conv + norm when channels or resolution change), then leaky ReLU."""
+
+    def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int]):
+        super().__init__()
+        self.conv1 = ConvNormAct(dim, in_ch, out_ch, kernel, stride)
+        self.conv2 = nn.Sequential(
+            Conv[Conv.CONV, dim](out_ch, out_ch, tuple(kernel), 1, padding=_padding(kernel), bias=True),
+            Norm[Norm.INSTANCE, dim](out_ch, eps=1e-5, affine=True),
+        )
+        needs_projection = in_ch != out_ch or any(s != 1 for s in stride)
+        self.skip = (nn.Sequential(Conv[Conv.CONV, dim](in_ch, out_ch, 1, tuple(stride), bias=False),
+                                   Norm[Norm.INSTANCE, dim](out_ch, eps=1e-5, affine=True))
+                     if needs_projection else nn.Identity())
+        self.act = Act[Act.LEAKYRELU](negative_slope=0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.skip(x))
+
+    @staticmethod
+    def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, projected: bool) -> tuple[float, float, int]:
+        k = float(np.prod(kernel))
+        flops = 2 * k * (in_ch * out_ch + out_ch * out_ch) * out_voxels
+        params = int(k * in_ch * out_ch + 3 * out_ch + k * out_ch * out_ch + 3 * out_ch)
+        elements = (STORED_TENSORS_PER_CONV + 2 + 2) * out_ch * out_voxels  # conv1 unit, conv2+norm, sum+act
+        if projected:
+            flops += 2 * in_ch * out_ch * out_voxels
+            params += in_ch * out_ch + 2 * out_ch
+            elements += 2 * out_ch * out_voxels
+        return elements, flops, params
+
+
+class ResidualBlock(nn.Sequential):
+    """``n`` residual units; the first one carries the stride (ResEnc-style encoder stage)."""
+
+    def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], n: int = 1):
+        units = [ResidualUnit(dim, in_ch, out_ch, kernel, stride)]
+        units += [ResidualUnit(dim, out_ch, out_ch, kernel, [1] * dim) for _ in range(n - 1)]
+        super().__init__(*units)
+
+    @staticmethod
+    def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, n: int = 1,
+             stride: Sequence[int] = ()) -> tuple[float, float, int]:
+        first = ResidualUnit.cost(in_ch, out_ch, kernel, out_voxels, in_ch != out_ch or any(s != 1 for s in stride))
+        rest = ResidualUnit.cost(out_ch, out_ch, kernel, out_voxels, False)
+        return tuple(a + (n - 1) * b for a, b in zip(first, rest, strict=True))  # type: ignore[return-value]
+
+
+class SqueezeExcitation(nn.Module):
+    """Feature recalibration after a conv block.
+
+    ``cse``: channel squeeze–excitation (Hu et al.): global average pool → 1x1 conv C→C/r → ReLU →
+    1x1 conv → sigmoid, scaling each channel. ``sse``: spatial squeeze–excitation (Roy et al.):
+    1x1 conv C→1 → sigmoid, scaling each voxel. ``scse``: both, combined by element-wise max
+    (Roy et al., IEEE TMI 2019). Written here because MONAI has cSE only (``ChannelSELayer``) and
+    one small module keeps the three variants and their cost in one place.
+    """
+
+    def __init__(self, dim: int, channels: int, mode: str, reduction: int = 2):
+        super().__init__()
+        self.mode = mode
+        hidden = max(1, channels // reduction)
+        if mode in ("cse", "scse"):
+            self.channel = nn.Sequential(
+                Pool[Pool.ADAPTIVEAVG, dim](1),
+                Conv[Conv.CONV, dim](channels, hidden, 1),
+                nn.ReLU(inplace=True),
+                Conv[Conv.CONV, dim](hidden, channels, 1),
+                nn.Sigmoid(),
+            )
+        if mode in ("sse", "scse"):
+            self.spatial = nn.Sequential(Conv[Conv.CONV, dim](channels, 1, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "cse":
+            return x * self.channel(x)
+        if self.mode == "sse":
+            return x * self.spatial(x)
+        return torch.maximum(x * self.channel(x), x * self.spatial(x))
+
+    @staticmethod
+    def cost(channels: int, mode: str, reduction: int, voxels: int) -> tuple[float, float, int]:
+        hidden = max(1, channels // reduction)
+        elements = flops = 0.0
+        params = 0
+        if mode in ("cse", "scse"):
+            params += 2 * channels * hidden + hidden + channels
+            elements += channels * voxels
+            flops += 2 * channels * voxels
+        if mode in ("sse", "scse"):
+            params += channels + 1
+            elements += 2 * voxels + channels * voxels
+            flops += 2 * channels * voxels + channels * voxels
+        if mode == "scse":
+            elements += channels * voxels
+        return elements, flops, params
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate on a skip connection (Oktay et al., Attention U-Net).
+
+    ``α = σ(ψ(ReLU(W_x·x + W_g·g)))`` with 1x1 convs, computed at the skip's resolution from the
+    decoder's gating signal ``g`` (the up-sampled decoder features, same size as ``x``); returns
+    ``x · α``. The last coefficients ``α`` ((B, 1, *S), in [0, 1]) are kept in
+    ``last_coefficients`` for inspection.
+    """
+
+    def __init__(self, dim: int, skip_ch: int, gate_ch: int, inter_ch: int | None = None):
+        super().__init__()
+        inter = inter_ch or max(1, skip_ch // 2)
+        self.w_x = nn.Sequential(Conv[Conv.CONV, dim](skip_ch, inter, 1, bias=False),
+                                 Norm[Norm.INSTANCE, dim](inter, eps=1e-5, affine=True))
+        self.w_g = nn.Sequential(Conv[Conv.CONV, dim](gate_ch, inter, 1, bias=False),
+                                 Norm[Norm.INSTANCE, dim](inter, eps=1e-5, affine=True))
+        self.psi = Conv[Conv.CONV, dim](inter, 1, 1, bias=True)
+        self.last_coefficients: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        alpha = torch.sigmoid(self.psi(torch.relu(self.w_x(x) + self.w_g(g))))
+        self.last_coefficients = alpha.detach()
+        return x * alpha
+
+    @staticmethod
+    def cost(skip_ch: int, gate_ch: int, voxels: int) -> tuple[float, float, int]:
+        inter = max(1, skip_ch // 2)
+        params = skip_ch * inter + gate_ch * inter + 4 * inter + inter + 1
+        flops = 2 * (skip_ch + gate_ch) * inter * voxels + 2 * inter * voxels
+        elements = 5 * inter * voxels + 2 * voxels + skip_ch * voxels
+        return elements, flops, params
+
+
+ENCODER_BLOCKS: dict[str, type[nn.Module]] = {"plain": PlainBlock, "residual": ResidualBlock}
+# nnU-Net ResEnc-M stage depths (residual units per encoder stage)
+RESIDUAL_STAGE_DEPTHS = (1, 3, 4, 6, 6, 6, 6, 6)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -15,35 +15,68 @@ import torch
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medseg.networks.blocks import ENCODER_BLOCKS, PlainBlock, init_weights
+from medseg.networks.blocks import (
+    ENCODER_BLOCKS,
+    RESIDUAL_STAGE_DEPTHS,
+    AttentionGate,
+    PlainBlock,
+    SqueezeExcitation,
+    init_weights,
+)
 from medseg.plans.schema import Architecture
 from medseg.utils import look_up
 
+NOT_BUILT_YET = {"reversible": True, "bottleneck": "graph"}
+
+
+def _check_buildable(arch: Architecture) -> None:
+    blocks = arch.blocks.model_dump()
+    missing = [k for k, v in NOT_BUILT_YET.items() if blocks[k] == v]
+    if missing:
+        from medseg.errors import PlanError
+
+        raise PlanError(f"block variant(s) {missing} are not implemented yet; available: encoder_block "
+                        f"{sorted(ENCODER_BLOCKS)}, attention_gates, squeeze_excitation cse|sse|scse")
+    look_up(arch.blocks.encoder_block, ENCODER_BLOCKS, "encoder_block")
+
+
+def encoder_depths(arch: Architecture) -> list[int]:
+    """Units (residual) or convs (plain) per encoder stage."""
+    if arch.blocks.encoder_block == "residual":
+        depths = arch.encoder_units_per_stage or list(RESIDUAL_STAGE_DEPTHS)
+        return [depths[min(i, len(depths) - 1)] for i in range(arch.num_stages)]
+    return [arch.convs_per_stage] * arch.num_stages
+
 
 class UNet(nn.Module):
+    """Encoder (plain or residual stages) → decoder (transposed conv up, optional attention gate
+    on the skip, concatenation, plain conv block), squeeze–excitation after every block when
+    asked, a 1x1 head per decoder stage."""
+
     def __init__(self, arch: Architecture, in_channels: int, num_classes: int):
         super().__init__()
+        _check_buildable(arch)
         dim = len(arch.strides[0])
         self.dim, self.deep_supervision = dim, arch.deep_supervision
-        block_cls = ENCODER_BLOCKS[look_up(arch.blocks.encoder_block, ENCODER_BLOCKS, "encoder_block")]
-        unsupported = [k for k, v in arch.blocks.model_dump().items()
-                       if k != "encoder_block" and k != "se_reduction" and v not in (False, "none", "conv")]
-        if arch.blocks.encoder_block != "plain" or unsupported:
-            from medseg.errors import PlanError
-
-            raise PlanError(f"block variant(s) {unsupported or [arch.blocks.encoder_block]} are not implemented yet")
+        b = arch.blocks
+        block_cls = ENCODER_BLOCKS[b.encoder_block]
         f, k, s, n = arch.features, arch.kernel_sizes, arch.strides, arch.convs_per_stage
+
+        def with_se(block: nn.Module, channels: int) -> nn.Module:
+            if b.squeeze_excitation == "none":
+                return block
+            return nn.Sequential(block, SqueezeExcitation(dim, channels, b.squeeze_excitation, b.se_reduction))
+
         self.encoder = nn.ModuleList()
         prev = in_channels
-        for i in range(arch.num_stages):
-            self.encoder.append(block_cls(dim, prev, f[i], k[i], s[i], n))
+        for i, depth in enumerate(encoder_depths(arch)):
+            self.encoder.append(with_se(block_cls(dim, prev, f[i], k[i], s[i], depth), f[i]))
             prev = f[i]
-        self.up = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        self.heads = nn.ModuleList()
+        self.up, self.decoder, self.heads, self.gates = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i in range(arch.num_stages - 2, -1, -1):
             self.up.append(Conv[Conv.CONVTRANS, dim](f[i + 1], f[i], tuple(s[i + 1]), tuple(s[i + 1]), bias=False))
-            self.decoder.append(block_cls(dim, 2 * f[i], f[i], k[i], [1] * dim, n))
+            self.gates.append(AttentionGate(dim, f[i], f[i]) if b.attention_gates else nn.Identity())
+            self.decoder.append(with_se(PlainBlock(dim, 2 * f[i], f[i], k[i], [1] * dim, n), f[i]))
             self.heads.append(Conv[Conv.CONV, dim](f[i], num_classes, 1, 1, bias=True))
         self.apply(init_weights)
 
@@ -56,13 +89,21 @@ class UNet(nn.Module):
             skips.append(x)
         x = skips.pop()
         outputs = []
-        for up, block, head in zip(self.up, self.decoder, self.heads, strict=True):
-            x = block(torch.cat([up(x), skips.pop()], dim=1))
+        for up, gate, block, head in zip(self.up, self.gates, self.decoder, self.heads, strict=True):
+            u = up(x)
+            skip = skips.pop()
+            skip = gate(skip, u) if isinstance(gate, AttentionGate) else skip
+            x = block(torch.cat([u, skip], dim=1))
             outputs.append(head(x))
         outputs.reverse()
         if self.training and self.deep_supervision:
             return outputs
         return outputs[0]
+
+    def attention_maps(self) -> list[torch.Tensor]:
+        """The attention coefficients of the last forward pass, full resolution first ((B, 1, *S) each)."""
+        return [g.last_coefficients for g in reversed(self.gates) if isinstance(g, AttentionGate)
+                and g.last_coefficients is not None]
 
 
 def build_network(arch: Architecture, in_channels: int, num_classes: int) -> UNet:
@@ -85,29 +126,36 @@ class CostEstimate:
 
 def estimate_costs(arch: Architecture, patch_size: Sequence[int], batch_size: int, in_channels: int,
                    num_classes: int, bytes_per_element: int = 4) -> CostEstimate:
-    """Parameters, stored activation bytes and forward FLOPs of a training step at this patch/batch."""
+    """Parameters, stored activation bytes and forward FLOPs of a training step at this patch/batch,
+    walking the same topology as :class:`UNet` and asking each block for its cost."""
     f, k, s, n = arch.features, arch.kernel_sizes, arch.strides, arch.convs_per_stage
+    b = arch.blocks
+    block_cls = ENCODER_BLOCKS[b.encoder_block]
     sizes, cur = [], np.array(patch_size, dtype=float)
     for st in s:
         cur = np.ceil(cur / np.array(st))
         sizes.append(int(np.prod(cur)))
-    elements = flops = 0.0
-    params = 0
+    totals = np.zeros(3)  # elements, flops, params
+
+    def add(cost) -> None:
+        totals[:] += np.asarray(cost, dtype=float)
+
+    def se(channels: int, voxels: int) -> None:
+        if b.squeeze_excitation != "none":
+            add(SqueezeExcitation.cost(channels, b.squeeze_excitation, b.se_reduction, voxels))
+
     prev = in_channels
-    for i in range(arch.num_stages):  # encoder
-        e, fl = PlainBlock.cost(prev, f[i], k[i], sizes[i], n)
-        elements, flops = elements + e, flops + fl
-        kk = int(np.prod(k[i]))
-        params += kk * prev * f[i] + f[i] * 3 + (n - 1) * (kk * f[i] * f[i] + f[i] * 3)
+    for i, depth in enumerate(encoder_depths(arch)):
+        add(block_cls.cost(prev, f[i], k[i], sizes[i], depth, s[i]))
+        se(f[i], sizes[i])
         prev = f[i]
-    for i in range(arch.num_stages - 2, -1, -1):  # decoder
+    for i in range(arch.num_stages - 2, -1, -1):
         ss = int(np.prod(s[i + 1]))
-        flops += 2 * ss * f[i + 1] * f[i] * sizes[i + 1]
-        elements += 2 * f[i] * sizes[i]  # upsampled map + concatenation
-        e, fl = PlainBlock.cost(2 * f[i], f[i], k[i], sizes[i], n)
-        elements, flops = elements + e, flops + fl + 2 * f[i] * num_classes * sizes[i]
-        elements += num_classes * sizes[i] * 2  # logits + softmax for the loss
-        kk = int(np.prod(k[i]))
-        params += ss * f[i + 1] * f[i] + kk * 2 * f[i] * f[i] + f[i] * 3 + (n - 1) * (kk * f[i] * f[i] + f[i] * 3)
-        params += f[i] * num_classes + num_classes
-    return CostEstimate(params, elements * batch_size * bytes_per_element, flops * batch_size)
+        add((2 * f[i] * sizes[i], 2 * ss * f[i + 1] * f[i] * sizes[i + 1], ss * f[i + 1] * f[i]))  # up + concat
+        if b.attention_gates:
+            add(AttentionGate.cost(f[i], f[i], sizes[i]))
+        add(PlainBlock.cost(2 * f[i], f[i], k[i], sizes[i], n))
+        se(f[i], sizes[i])
+        add((2 * num_classes * sizes[i], 2 * f[i] * num_classes * sizes[i], f[i] * num_classes + num_classes))
+    elements, flops, params = totals
+    return CostEstimate(int(params), elements * batch_size * bytes_per_element, flops * batch_size)

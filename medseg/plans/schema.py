@@ -37,7 +37,8 @@ class Normalization(_Model):
 
 
 class Blocks(_Model):
-    """Block variants; later issues add implementations. Only the defaults are built today."""
+    """Block variants, combinable. ``reversible`` and ``bottleneck: graph`` are not built yet
+    (the network builder refuses them by name)."""
 
     encoder_block: Literal["plain", "residual"] = "plain"
     attention_gates: bool = False
@@ -54,6 +55,7 @@ class Architecture(_Model):
     kernel_sizes: list[list[int]]
     strides: list[list[int]]
     convs_per_stage: int = 2
+    encoder_units_per_stage: list[int] | None = None  # residual encoder: units per stage (ResEnc presets)
     deep_supervision: bool = True
     blocks: Blocks = Field(default_factory=Blocks)
 
