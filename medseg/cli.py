@@ -61,6 +61,9 @@ def plan(
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     configs: str = typer.Option("2d,3d_fullres", "--configs", help="Comma-separated configurations."),
     time_budget: float = typer.Option(None, "--time-budget", help="CPU: training minutes to plan for (default 30)."),
+    variants: str = typer.Option("plain", "--variants",
+                                 help="Network variants, comma-separated: plain, residual, attention, se "
+                                      "(presets: built, all); one configuration each."),
     no_preprocess: bool = typer.Option(False, "--no-preprocess", help="Only fingerprint and plan."),
     workers: int = typer.Option(None, "--workers", help="Parallel processes (default: CPU count, at most 8)."),
 ) -> None:
@@ -68,7 +71,8 @@ def plan(
     from medseg import workflow
 
     workflow.plan(dataset, output, memory_gb=memory_gb, device=_device(device), configs=_configs(configs),
-                  time_budget_min=time_budget, preprocess=not no_preprocess, num_workers=workers, progress=True)
+                  time_budget_min=time_budget, preprocess=not no_preprocess, num_workers=workers, progress=True,
+                  variants=_configs(variants))
     console.print(workflow.info(output))
     console.print(f"[green]plans written to[/] {output / 'plans.json'}")
 

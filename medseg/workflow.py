@@ -25,7 +25,8 @@ def default_workers() -> int:
 
 def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device: str = "cpu",
          configs: list[str] | None = None, time_budget_min: float | None = None, preprocess: bool = True,
-         num_workers: int | None = None, progress: bool = False, throughput: float | None = None) -> Plans:
+         num_workers: int | None = None, progress: bool = False, throughput: float | None = None,
+         variants: list[str] | None = None) -> Plans:
     """check → fingerprint → plans → preprocess. Nothing is written before the check passes."""
     num_workers = num_workers or default_workers()
     ds = load_dataset(dataset)
@@ -53,10 +54,10 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
         log.info("%s exists; keeping it (delete it to re-plan)", plans_path)
     else:
         plans = plan_dataset(fp, device=device, memory_gb=memory_gb, configs=configs or ["2d", "3d_fullres"],
-                             time_budget_min=time_budget_min, throughput=throughput)
+                             time_budget_min=time_budget_min, throughput=throughput, variants=variants or ["plain"])
         plans.save(plans_path)
     if preprocess:
-        preprocess_dataset(ds, plans, workdir, configs=configs, num_workers=num_workers, progress=progress)
+        preprocess_dataset(ds, plans, workdir, num_workers=num_workers, progress=progress)
     return plans
 
 

@@ -327,3 +327,21 @@ def test_hippocampus_gpu_plan_equals_nnunet_v2(shared_data_dir: Path) -> None:
     assert c2.patch_size == [56, 40]
     assert c2.batch_size == 292
     assert c2.architecture.features == [32, 64, 128, 256]
+
+
+def test_variants_get_one_configuration_each_and_unbuildable_ones_are_refused(tmp_path):
+    from medseg.errors import MedsegError, PlanError
+
+    fp = make_fingerprint(20, (1.0, 1.0, 1.0), (36, 50, 35))
+    plans = plan_dataset(fp, device="cuda", memory_gb=8, configs=["3d_fullres"], variants=["built"])
+    assert list(plans.configurations) == ["3d_fullres", "3d_fullres_residual", "3d_fullres_attention", "3d_fullres_se"]
+    residual = plans.config("3d_fullres_residual")
+    assert residual.architecture.blocks.encoder_block == "residual" and residual.variant == "residual"
+    assert residual.memory.estimate_gb > plans.config("3d_fullres").memory.estimate_gb
+    assert plans.config("3d_fullres_se").architecture.blocks.squeeze_excitation == "scse"
+    plans.save(tmp_path / "plans.json")
+    assert Plans.load(tmp_path / "plans.json") == plans
+    with pytest.raises(PlanError, match="variant 'reversible' cannot be built"):
+        plan_dataset(fp, device="cuda", memory_gb=8, variants=["plain", "reversible"])
+    with pytest.raises(MedsegError, match="did you mean 'attention'"):
+        plan_dataset(fp, device="cuda", memory_gb=8, variants=["atention"])

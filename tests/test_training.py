@@ -118,3 +118,21 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(msd_dataset
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert [json.loads(x)["epoch"] for x in log.read_text().splitlines()] == list(range(1, 9))
+
+
+def test_a_variant_trains_into_its_own_run_and_shares_the_preprocessed_data(msd_dataset, tmp_path):
+    from medseg.inference.predictor import predict_folder
+
+    plans = _tiny_plan(msd_dataset, tmp_path)
+    base = plans.configurations["3d_fullres"]
+    variant = base.model_copy(deep=True, update={"variant": "attention"})
+    variant.architecture.blocks.attention_gates = True
+    variant.architecture.blocks.squeeze_excitation = "cse"
+    plans.configurations[variant.key] = variant
+    plans.save(tmp_path / "plans.json")
+    run = train_fold(tmp_path, "3d_fullres_attention", 0, epochs=1, validate_full=False)
+    assert run == tmp_path / "runs" / "3d_fullres_attention" / "fold_0"
+    assert not (tmp_path / "preprocessed" / "3d_fullres_attention").exists()
+    written = predict_folder(msd_dataset / "imagesTr", tmp_path / "pred", tmp_path, config_name="3d_fullres_attention",
+                             tta=False)
+    assert len(written) == 4

@@ -78,10 +78,10 @@ def load_models(workdir: Path, plans: Plans, config: Configuration, folds: list[
                 checkpoint: str = "final") -> list[torch.nn.Module]:
     models = []
     for fold in folds:
-        rd = run_dir(workdir, config.name, fold)
+        rd = run_dir(workdir, config.key, fold)
         path = rd / f"checkpoint_{checkpoint}.pt"
         if not path.exists() and checkpoint == "final":
-            raise CheckpointError(f"{path}: no final checkpoint; finish training fold {fold} of {config.name} first")
+            raise CheckpointError(f"{path}: no final checkpoint; finish training fold {fold} of {config.key} first")
         state = load_checkpoint(path, map_location=device)
         net = build_network(config.architecture, len(plans.channel_names), plans.num_classes)
         net.load_state_dict(state["model"])
@@ -123,9 +123,9 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
             raise CheckpointError(f"{workdir}: no trained configuration (no runs/*/fold_*/checkpoint_final.pt)")
         config_name = "3d_fullres" if "3d_fullres" in trained else trained[0]
     config = plans.config(config_name)
-    folds = folds if folds is not None else available_folds(workdir, config.name)
+    folds = folds if folds is not None else available_folds(workdir, config.key)
     if not folds:
-        raise CheckpointError(f"{workdir}: configuration {config.name} has no finished fold")
+        raise CheckpointError(f"{workdir}: configuration {config.key} has no finished fold")
     cases = find_inputs(inputs, len(plans.channel_names))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ from medseg.fingerprint import Fingerprint
 from medseg.io.dataset import channel_normalization
 from medseg.networks.unet import estimate_costs
 from medseg.plans import topology
-from medseg.plans.schema import Architecture, Configuration, MemoryEstimate, Normalization, Plans, Training
+from medseg.plans.schema import Architecture, Blocks, Configuration, MemoryEstimate, Normalization, Plans, Training
+from medseg.utils import look_up
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,36 @@ GPU_EPOCHS, GPU_ITERATIONS = 1000, 250
 CPU_ITERATIONS_PER_EPOCH = 50
 CPU_STEP_OVERHEAD = 1.15  # data loading in a worker process and the per-epoch validation patches
 OPTIMISER_COPIES = 4  # weights, gradients, momentum, and one transient copy
+
+
+VARIANTS: dict[str, Blocks] = {
+    "plain": Blocks(),
+    "residual": Blocks(encoder_block="residual"),
+    "attention": Blocks(attention_gates=True),
+    "se": Blocks(squeeze_excitation="scse"),
+    "reversible": Blocks(reversible=True),
+    "graph": Blocks(bottleneck="graph"),
+}
+VARIANT_PRESETS = {"all": ["plain", "residual", "attention", "se", "reversible", "graph"],
+                   "built": ["plain", "residual", "attention", "se"]}
+
+
+def resolve_variants(names: Sequence[str]) -> list[str]:
+    """Expand presets, check names, and refuse variants the network builder cannot build yet."""
+    from medseg.networks.unet import NOT_BUILT_YET
+
+    out: list[str] = []
+    for name in names:
+        for v in VARIANT_PRESETS.get(name, [name]):
+            look_up(v, list(VARIANTS) + list(VARIANT_PRESETS), "variant")
+            blocks = VARIANTS[v].model_dump()
+            missing = [k for k, val in NOT_BUILT_YET.items() if blocks[k] == val]
+            if missing:
+                raise PlanError(f"variant {v!r} cannot be built: {missing[0]} blocks are not implemented yet "
+                                f"(buildable: {', '.join(VARIANT_PRESETS['built'])})")
+            if v not in out:
+                out.append(v)
+    return out
 
 
 def default_memory_gb(device: str) -> float:
@@ -86,18 +117,21 @@ def _features(base: int, stages: int, dim: int) -> list[int]:
     return [min(base * 2**i, MAX_FEATURES[dim]) for i in range(stages)]
 
 
-def _architecture(spacing: Sequence[float], patch: Sequence[int], base: int) -> tuple[Architecture, list[int]]:
+def _architecture(spacing: Sequence[float], patch: Sequence[int], base: int,
+                  blocks: Blocks | None = None) -> tuple[Architecture, list[int]]:
     strides, kernels = topology.pooling_plan(spacing, patch)
     patch = topology.pad_to_multiple(patch, topology.divisibility(strides))
     strides, kernels = topology.pooling_plan(spacing, patch)
-    arch = Architecture(features=_features(base, len(strides), len(patch)), kernel_sizes=kernels, strides=strides)
+    arch = Architecture(features=_features(base, len(strides), len(patch)), kernel_sizes=kernels, strides=strides,
+                        blocks=blocks or Blocks())
     return arch, patch
 
 
 def _plan_configuration(name: str, spacing: list[float], median_shape: list[float], transpose: list[int],
                         fp: Fingerprint, *, device: str, memory_gb: float, time_budget_min: float,
-                        throughput: float | None, dataset_voxels: float) -> Configuration:
+                        throughput: float | None, dataset_voxels: float, variant: str = "plain") -> Configuration:
     dim = len(spacing)
+    blocks = VARIANTS[variant]
     n_in, n_cls = len(fp.channel_names), max(fp.labels) + 1
     inv = 1.0 / np.asarray(spacing)
     patch = np.round(inv * (INITIAL_PATCH_VOXELS[dim] / np.prod(inv)) ** (1 / dim)).astype(int)
@@ -109,7 +143,7 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
         total = c.activation_bytes + OPTIMISER_COPIES * 4 * c.parameters
         return total <= budget, total
 
-    arch, patch = _architecture(spacing, patch, BASE_FEATURES)
+    arch, patch = _architecture(spacing, patch, BASE_FEATURES, blocks)
     while not fits(arch, patch, MIN_BATCH)[0]:
         ratios = np.asarray(patch) / np.asarray(median_shape)
         axis = int(np.argmax(ratios))
@@ -117,7 +151,7 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
         if patch[axis] - step < 2 * topology.MIN_FEATURE_MAP:
             raise PlanError(f"{fp.dataset_name}: no {name} patch fits in {memory_gb:.1f} GB; raise --memory-gb")
         patch[axis] -= step
-        arch, patch = _architecture(spacing, patch, BASE_FEATURES)
+        arch, patch = _architecture(spacing, patch, BASE_FEATURES, blocks)
 
     batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * dataset_voxels / np.prod(patch)))
     per_sample = estimate_costs(arch, patch, 1, n_in, n_cls).activation_bytes
@@ -141,7 +175,7 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
             how = f"measured training steps x {CPU_STEP_OVERHEAD} for data loading and validation"
         cap = min(batch_cap, mem_batch)
         for base in CPU_WIDTH_CHOICES:
-            arch, _ = _architecture(spacing, patch, base)
+            arch, _ = _architecture(spacing, patch, base, blocks)
             step_s = step_time(arch, MIN_BATCH)
             if step_s <= target_step or base == CPU_WIDTH_CHOICES[-1]:
                 break
@@ -162,7 +196,8 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
     costs = estimate_costs(arch, patch, batch, n_in, n_cls)
     norm = _normalization(fp)
     return Configuration(
-        name=name, spacing=spacing, transpose_forward=transpose, median_shape=[int(round(m)) for m in median_shape],
+        name=name, variant=variant, spacing=spacing, transpose_forward=transpose,
+        median_shape=[int(round(m)) for m in median_shape],
         patch_size=patch, batch_size=batch, normalization=norm, architecture=arch,
         training=Training(epochs=epochs, iterations_per_epoch=iters, val_iterations=max(5, iters // 5),
                           mirror_axes=list(range(dim)), time_budget_min=budget_min),
@@ -188,8 +223,10 @@ def _normalization(fp: Fingerprint) -> list[Normalization]:
 
 def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None = None,
                  configs: Sequence[str] = ("2d", "3d_fullres"), time_budget_min: float | None = None,
-                 throughput: float | None = None, seed: int = 0) -> Plans:
-    """Derive the plans for ``configs`` from a fingerprint."""
+                 throughput: float | None = None, seed: int = 0, variants: Sequence[str] = ("plain",)) -> Plans:
+    """Derive the plans for ``configs`` × ``variants`` from a fingerprint. A variant that cannot be
+    built is refused here with a one-line reason."""
+    variants = resolve_variants(variants)
     unknown = [c for c in configs if c not in ("2d", "3d_fullres")]
     if unknown:
         raise PlanError(f"configuration(s) {unknown} cannot be planned yet; available: 2d, 3d_fullres")
@@ -207,10 +244,12 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
                   dataset_voxels=float(np.prod(median_shape, dtype=np.float64)) * len(fp.cases))
     out = {}
     for name in configs:
-        if name == "3d_fullres":
-            out[name] = _plan_configuration(name, spacing_t, list(median_shape), tf, fp, **common)
-        else:
-            out[name] = _plan_configuration(name, spacing_t[1:], list(median_shape[1:]), tf, fp, **common)
-            out[name].spacing = [spacing_t[0], *out[name].spacing]  # 2d keeps the out-of-plane spacing as is
+        for variant in variants:
+            if name == "3d_fullres":
+                c = _plan_configuration(name, spacing_t, list(median_shape), tf, fp, variant=variant, **common)
+            else:
+                c = _plan_configuration(name, spacing_t[1:], list(median_shape[1:]), tf, fp, variant=variant, **common)
+                c.spacing = [spacing_t[0], *c.spacing]  # 2d keeps the out-of-plane spacing as is
+            out[c.key] = c
     return Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, device=dev,
                  seed=seed, configurations=out, medseg_version=__version__)

@@ -98,7 +98,12 @@ class MemoryEstimate(_Model):
 
 
 class Configuration(_Model):
+    """One trainable configuration. ``name`` is the data configuration (it decides preprocessing);
+    ``variant`` names the network's block variant; both together make the ``key`` under which it
+    is stored in ``plans.json`` and trained (``runs/<key>/``)."""
+
     name: ConfigName
+    variant: str = "plain"
     inherits_from: str | None = None
     spacing: list[float]
     transpose_forward: list[int]
@@ -114,6 +119,10 @@ class Configuration(_Model):
     @property
     def dim(self) -> int:
         return len(self.patch_size)
+
+    @property
+    def key(self) -> str:
+        return self.name if self.variant == "plain" else f"{self.name}_{self.variant}"
 
     @property
     def transpose_backward(self) -> list[int]:

@@ -119,9 +119,12 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
     Returns the number of cases processed per configuration."""
     from medseg.progress import track
 
-    done = {}
-    for name in configs or list(plans.configurations):
-        config = plans.config(name)
+    done: dict[str, int] = {}
+    by_data: dict[str, Configuration] = {}
+    for key in configs or list(plans.configurations):  # variants of one configuration share its data
+        config = plans.config(key)
+        by_data.setdefault(config.name, config)
+    for name, config in by_data.items():
         out_dir = preprocessed_dir(workdir, name)
         out_dir.mkdir(parents=True, exist_ok=True)
         todo = [c for c in ds.cases if not (out_dir / f"{c.case_id}.json").exists()]

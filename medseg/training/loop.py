@@ -99,7 +99,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
         num_workers = 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
     plans = Plans.load(workdir / "plans.json")
     config = plans.config(config_name)
-    run = workdir / "runs" / config.name / f"fold_{fold}"
+    run = workdir / "runs" / config.key / f"fold_{fold}"
     latest = run / "checkpoint_latest.pt"
     if latest.exists() and not resume:
         raise CheckpointError(f"{run}: a run exists already; pass --resume to continue it (or delete the folder)")
@@ -146,7 +146,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
     from medseg.progress import make_progress
 
     bar = make_progress() if progress else None
-    task = bar.add_task(f"train {config.name} fold {fold}", total=budget.epochs, completed=state["epoch"]) if bar else None
+    task = bar.add_task(f"train {config.key} fold {fold}", total=budget.epochs, completed=state["epoch"]) if bar else None
     if bar:
         bar.start()
     try:
@@ -200,7 +200,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
             t_start = time.perf_counter()
             ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if amp else None, "torch_rng": torch.get_rng_state(),
-                    "config": config.name, "fold": str(fold), **state}
+                    "config": config.key, "fold": str(fold), **state}
             save_checkpoint(latest, ckpt)
             # the log is rewritten from the checkpoint's history, so a kill never leaves them disagreeing
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
@@ -214,7 +214,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
     finally:
         if bar:
             bar.stop()
-    save_checkpoint(run / "checkpoint_final.pt", {"model": model.state_dict(), "config": config.name,
+    save_checkpoint(run / "checkpoint_final.pt", {"model": model.state_dict(), "config": config.key,
                                                   "fold": str(fold), "epoch": state["epoch"],
                                                   "elapsed_s": state["elapsed_s"]})
     log.info("training done: %d epochs in %.1f min", state["epoch"], state["elapsed_s"] / 60)
