@@ -192,7 +192,7 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
         iters = CPU_ITERATIONS_PER_EPOCH
         epochs = int(np.ceil(CPU_TARGET_ITERATIONS / iters))
         budget_min = time_budget_min
-    ok, total = fits(arch, patch, batch)
+    _, total = fits(arch, patch, batch)
     costs = estimate_costs(arch, patch, batch, n_in, n_cls)
     norm = _normalization(fp)
     return Configuration(
