@@ -334,14 +334,16 @@ def test_variants_get_one_configuration_each_and_unbuildable_ones_are_refused(tm
 
     fp = make_fingerprint(20, (1.0, 1.0, 1.0), (36, 50, 35))
     plans = plan_dataset(fp, device="cuda", memory_gb=8, configs=["3d_fullres"], variants=["built"])
-    assert list(plans.configurations) == ["3d_fullres", "3d_fullres_residual", "3d_fullres_attention", "3d_fullres_se"]
+    assert list(plans.configurations) == ["3d_fullres", "3d_fullres_residual", "3d_fullres_attention", "3d_fullres_se",
+                                          "3d_fullres_reversible"]
+    assert plans.config("3d_fullres_reversible").memory.activations_gb < plans.config("3d_fullres").memory.activations_gb
     residual = plans.config("3d_fullres_residual")
     assert residual.architecture.blocks.encoder_block == "residual" and residual.variant == "residual"
     assert residual.memory.estimate_gb > plans.config("3d_fullres").memory.estimate_gb
     assert plans.config("3d_fullres_se").architecture.blocks.squeeze_excitation == "scse"
     plans.save(tmp_path / "plans.json")
     assert Plans.load(tmp_path / "plans.json") == plans
-    with pytest.raises(PlanError, match="variant 'reversible' cannot be built"):
-        plan_dataset(fp, device="cuda", memory_gb=8, variants=["plain", "reversible"])
+    with pytest.raises(PlanError, match="variant 'graph' cannot be built"):
+        plan_dataset(fp, device="cuda", memory_gb=8, variants=["plain", "graph"])
     with pytest.raises(MedsegError, match="did you mean 'attention'"):
         plan_dataset(fp, device="cuda", memory_gb=8, variants=["atention"])

@@ -23,10 +23,11 @@ from medseg.networks.blocks import (
     SqueezeExcitation,
     init_weights,
 )
+from medseg.networks.reversible import ReversibleBlock
 from medseg.plans.schema import Architecture
 from medseg.utils import look_up
 
-NOT_BUILT_YET = {"reversible": True, "bottleneck": "graph"}
+NOT_BUILT_YET = {"bottleneck": "graph"}
 
 
 def _check_buildable(arch: Architecture) -> None:
@@ -36,13 +37,24 @@ def _check_buildable(arch: Architecture) -> None:
         from medseg.errors import PlanError
 
         raise PlanError(f"block variant(s) {missing} are not implemented yet; available: encoder_block "
-                        f"{sorted(ENCODER_BLOCKS)}, attention_gates, squeeze_excitation cse|sse|scse")
+                        f"{sorted(ENCODER_BLOCKS)}, attention_gates, squeeze_excitation cse|sse|scse, reversible")
+    if arch.blocks.reversible and arch.blocks.encoder_block == "residual":
+        from medseg.errors import PlanError
+
+        raise PlanError("reversible blocks replace the encoder's blocks (their couplings are residual already); "
+                        "choose encoder_block 'plain' with reversible")
     look_up(arch.blocks.encoder_block, ENCODER_BLOCKS, "encoder_block")
 
 
+def stage_block(arch: Architecture, decoder: bool = False) -> type[nn.Module]:
+    if arch.blocks.reversible:
+        return ReversibleBlock
+    return PlainBlock if decoder else ENCODER_BLOCKS[arch.blocks.encoder_block]
+
+
 def encoder_depths(arch: Architecture) -> list[int]:
-    """Units (residual) or convs (plain) per encoder stage."""
-    if arch.blocks.encoder_block == "residual":
+    """Units (residual), couplings (reversible) or convs (plain) per encoder stage."""
+    if arch.blocks.encoder_block == "residual" and not arch.blocks.reversible:
         depths = arch.encoder_units_per_stage or list(RESIDUAL_STAGE_DEPTHS)
         return [depths[min(i, len(depths) - 1)] for i in range(arch.num_stages)]
     return [arch.convs_per_stage] * arch.num_stages
@@ -59,7 +71,7 @@ class UNet(nn.Module):
         dim = len(arch.strides[0])
         self.dim, self.deep_supervision = dim, arch.deep_supervision
         b = arch.blocks
-        block_cls = ENCODER_BLOCKS[b.encoder_block]
+        block_cls, decoder_cls = stage_block(arch), stage_block(arch, decoder=True)
         f, k, s, n = arch.features, arch.kernel_sizes, arch.strides, arch.convs_per_stage
 
         def with_se(block: nn.Module, channels: int) -> nn.Module:
@@ -76,7 +88,7 @@ class UNet(nn.Module):
         for i in range(arch.num_stages - 2, -1, -1):
             self.up.append(Conv[Conv.CONVTRANS, dim](f[i + 1], f[i], tuple(s[i + 1]), tuple(s[i + 1]), bias=False))
             self.gates.append(AttentionGate(dim, f[i], f[i]) if b.attention_gates else nn.Identity())
-            self.decoder.append(with_se(PlainBlock(dim, 2 * f[i], f[i], k[i], [1] * dim, n), f[i]))
+            self.decoder.append(with_se(decoder_cls(dim, 2 * f[i], f[i], k[i], [1] * dim, n), f[i]))
             self.heads.append(Conv[Conv.CONV, dim](f[i], num_classes, 1, 1, bias=True))
         self.apply(init_weights)
 
@@ -130,7 +142,7 @@ def estimate_costs(arch: Architecture, patch_size: Sequence[int], batch_size: in
     walking the same topology as :class:`UNet` and asking each block for its cost."""
     f, k, s, n = arch.features, arch.kernel_sizes, arch.strides, arch.convs_per_stage
     b = arch.blocks
-    block_cls = ENCODER_BLOCKS[b.encoder_block]
+    block_cls, decoder_cls = stage_block(arch), stage_block(arch, decoder=True)
     sizes, cur = [], np.array(patch_size, dtype=float)
     for st in s:
         cur = np.ceil(cur / np.array(st))
@@ -154,7 +166,7 @@ def estimate_costs(arch: Architecture, patch_size: Sequence[int], batch_size: in
         add((2 * f[i] * sizes[i], 2 * ss * f[i + 1] * f[i] * sizes[i + 1], ss * f[i + 1] * f[i]))  # up + concat
         if b.attention_gates:
             add(AttentionGate.cost(f[i], f[i], sizes[i]))
-        add(PlainBlock.cost(2 * f[i], f[i], k[i], sizes[i], n))
+        add(decoder_cls.cost(2 * f[i], f[i], k[i], sizes[i], n))
         se(f[i], sizes[i])
         add((2 * num_classes * sizes[i], 2 * f[i] * num_classes * sizes[i], f[i] * num_classes + num_classes))
     elements, flops, params = totals

@@ -49,7 +49,7 @@ VARIANTS: dict[str, Blocks] = {
     "graph": Blocks(bottleneck="graph"),
 }
 VARIANT_PRESETS = {"all": ["plain", "residual", "attention", "se", "reversible", "graph"],
-                   "built": ["plain", "residual", "attention", "se"]}
+                   "built": ["plain", "residual", "attention", "se", "reversible"]}
 
 
 def resolve_variants(names: Sequence[str]) -> list[str]:

@@ -37,8 +37,8 @@ class Normalization(_Model):
 
 
 class Blocks(_Model):
-    """Block variants, combinable. ``reversible`` and ``bottleneck: graph`` are not built yet
-    (the network builder refuses them by name)."""
+    """Block variants, combinable (``reversible`` replaces the stage blocks, so not with
+    ``encoder_block: residual``). ``bottleneck: graph`` is not built yet (refused by name)."""
 
     encoder_block: Literal["plain", "residual"] = "plain"
     attention_gates: bool = False
