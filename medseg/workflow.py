@@ -11,7 +11,7 @@ from medseg.errors import DatasetError
 from medseg.fingerprint import Fingerprint, compute_fingerprint
 from medseg.io.check import check_dataset
 from medseg.io.dataset import load_dataset
-from medseg.plans.planner import plan_dataset
+from medseg.plans.planner import plan_dataset, resolve_variants
 from medseg.plans.schema import Plans
 from medseg.preprocessing.pipeline import preprocess_dataset
 from medseg.utils import atomic_write_json
@@ -29,6 +29,7 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
          variants: list[str] | None = None) -> Plans:
     """check → fingerprint → plans → preprocess. Nothing is written before the check passes."""
     num_workers = num_workers or default_workers()
+    resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
     ds = load_dataset(dataset)
     for note in ds.notes:
         log.info("note: %s", note)
