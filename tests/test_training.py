@@ -21,7 +21,6 @@ def _tiny_plan(dataset, workdir):
     c = plans.configurations["3d_fullres"]
     c.patch_size = [16, 16, 16]
     c.batch_size = 2
-    c.architecture.features = [4, 8, 16][: c.architecture.num_stages]
     c.architecture.strides = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
     c.architecture.kernel_sizes = [[3, 3, 3]] * 3
     c.architecture.features = [4, 8, 16]

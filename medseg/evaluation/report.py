@@ -18,8 +18,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,6 +28,7 @@ import pandas as pd
 from medseg.errors import DatasetError, MedsegError
 from medseg.evaluation.metrics import case_metrics
 from medseg.io.image import image_suffix, read_image
+from medseg.utils import atomic_path
 
 __all__ = ["COLUMNS", "CONVENTIONS", "evaluate_folder", "format_summary"]
 
@@ -269,14 +268,8 @@ def _plot(frame: pd.DataFrame, labels: dict[int, str], n_cases: int, path: str) 
 
 def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
     """Write via ``write(tmp)`` to a temp file in ``path``'s folder, then rename it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp_{path.stem}_", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _num(value: float | None, fmt: str) -> str:

@@ -8,8 +8,6 @@ World coordinates follow NIfTI (RAS+); SimpleITK files (LPS+) are converted on r
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +17,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import DatasetError
+from medseg.utils import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def image_suffix(path: str | Path) -> str:
@@ -162,10 +159,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, dtype: 
         array = array[0]
     if tuple(array.shape[-3:]) != tuple(geometry.shape):
         raise DatasetError(f"{path}: array shape {array.shape} does not match geometry {geometry.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
             data = np.moveaxis(array, 0, -1) if array.ndim == 4 else array
             header = geometry.header.copy() if geometry.header is not None else None
@@ -175,14 +169,9 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, dtype: 
                 img.header["scl_slope"], img.header["scl_inter"] = np.nan, np.nan
                 img.set_qform(geometry.affine, code=int(header["qform_code"]) or 1)
                 img.set_sform(geometry.affine, code=int(header["sform_code"]) or 1)
-            nib.save(img, tmp)
+            nib.save(img, str(tmp))
         else:
-            sitk.WriteImage(_to_sitk(array, geometry), tmp, useCompression=True)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            sitk.WriteImage(_to_sitk(array, geometry), str(tmp), useCompression=True)
 
 
 def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:

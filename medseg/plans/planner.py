@@ -154,8 +154,8 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
         arch, patch = _architecture(spacing, patch, BASE_FEATURES, blocks)
 
     batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * dataset_voxels / np.prod(patch)))
-    per_sample = estimate_costs(arch, patch, 1, n_in, n_cls).activation_bytes
-    weights = OPTIMISER_COPIES * 4 * estimate_costs(arch, patch, 1, n_in, n_cls).parameters
+    one = estimate_costs(arch, patch, 1, n_in, n_cls)
+    per_sample, weights = one.activation_bytes, OPTIMISER_COPIES * 4 * one.parameters
     mem_batch = max(MIN_BATCH, int((budget - weights) // per_sample))
 
     if device.startswith("cuda"):
