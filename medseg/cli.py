@@ -63,7 +63,7 @@ def plan(
     time_budget: float = typer.Option(None, "--time-budget", help="CPU: training minutes to plan for (default 30)."),
     variants: str = typer.Option("plain", "--variants",
                                  help="Network variants, comma-separated: plain, residual, attention, se, reversible "
-                                      "(presets: built, all); one configuration each."),
+                                      "(preset: all); one configuration each."),
     no_preprocess: bool = typer.Option(False, "--no-preprocess", help="Only fingerprint and plan."),
     workers: int = typer.Option(None, "--workers", help="Parallel processes (default: CPU count, at most 8)."),
 ) -> None:

@@ -66,7 +66,7 @@ def test_unknown_configuration_suggests_the_right_name(tmp_path):
     assert "did you mean '3d_fullres'" in result.stderr
 
 
-def test_plan_refuses_an_unbuildable_variant_before_writing_anything(tmp_path):
+def test_plan_refuses_an_unknown_variant_before_writing_anything(tmp_path):
     root = make_msd_dataset(tmp_path / "ds", n_cases=3)
-    _assert_clean_failure(run_medseg("plan", str(root), "-o", str(tmp_path / "wd"), "--variants", "plain,graph"),
-                          tmp_path / "wd", "variant 'graph' cannot be built")
+    _assert_clean_failure(run_medseg("plan", str(root), "-o", str(tmp_path / "wd"), "--variants", "plain,grpah"),
+                          tmp_path / "wd", "did you mean 'graph'")

@@ -53,12 +53,15 @@ def test_cost_model_counts_parameters_exactly():
     assert double.forward_flops == pytest.approx(2 * est.forward_flops)
 
 
-def test_unimplemented_block_variant_is_refused_with_its_name():
+def test_unbuildable_block_combinations_are_refused_with_a_reason(monkeypatch):
     from medseg.errors import PlanError
+    from medseg.networks import unet
 
     arch = _arch((1.0, 1.0, 1.0), (16, 16, 16)).model_copy(update={"blocks": Blocks(bottleneck="graph")})
-    with pytest.raises(PlanError, match="bottleneck"):
-        build_network(arch, 1, 2)
+    unet.check_buildable(arch, (16, 16, 16))
+    monkeypatch.setattr(unet, "MAX_GRAPH_NODES", 4)
+    with pytest.raises(PlanError, match=r"graph bottleneck too large: 64 nodes \(bottleneck \[4, 4, 4\]"):
+        unet.check_buildable(arch, (16, 16, 16))
     both = Blocks(reversible=True, encoder_block="residual")
     with pytest.raises(PlanError, match="reversible"):
         build_network(arch.model_copy(update={"blocks": both}), 1, 2)
@@ -73,6 +76,8 @@ VARIANTS = [
     Blocks(encoder_block="residual", attention_gates=True, squeeze_excitation="scse"),
     Blocks(reversible=True),
     Blocks(reversible=True, attention_gates=True, squeeze_excitation="cse"),
+    Blocks(bottleneck="graph"),
+    Blocks(bottleneck="graph", encoder_block="residual", attention_gates=True, squeeze_excitation="scse"),
 ]
 
 
@@ -191,3 +196,48 @@ def test_reversible_stage_stores_less_for_backward():
 
     plain, reversible = saved_bytes(False), saved_bytes(True)
     assert reversible <= 0.5 * plain, (reversible, plain)
+
+
+def test_grid_adjacency_joins_each_voxel_to_its_neighbours_only():
+    from medseg.networks.graph import grid_adjacency, normalise
+
+    adj = grid_adjacency((3, 3))  # node = row * 3 + col
+    assert torch.equal(adj, adj.T) and adj.diagonal().sum() == 0
+    assert adj.sum(1).tolist() == [3, 5, 3, 5, 8, 5, 3, 5, 3]  # corners, edges, centre (8-neighbourhood)
+    assert adj[0].nonzero().flatten().tolist() == [1, 3, 4]
+    assert adj[4].nonzero().flatten().tolist() == [0, 1, 2, 3, 5, 6, 7, 8]
+    a3 = grid_adjacency((2, 3, 4))
+    assert a3.sum(1).max() == 17 and a3.sum(1).min() == 7  # 2x3x4: interior-most voxels see 17, corners 7
+    n = normalise(adj)
+    deg = adj.sum(1) + 1
+    torch.testing.assert_close(n[0, 4], 1 / torch.sqrt(deg[0] * deg[4]))
+    torch.testing.assert_close(n, n.T)
+
+
+def test_knn_adjacency_links_nodes_that_look_alike_and_is_symmetric():
+    from medseg.networks.graph import knn_adjacency
+
+    # two tight clusters far apart in feature space, interleaved in node order
+    feats = torch.tensor([[0.0, 0.0], [10.0, 10.0], [0.1, 0.0], [10.1, 10.0], [0.0, 0.1], [10.0, 10.1]])[None]
+    adj = knn_adjacency(feats, k=2)[0]
+    assert torch.equal(adj, adj.T) and adj.diagonal().sum() == 0
+    cluster = torch.tensor([0, 1, 0, 1, 0, 1])
+    same = cluster[:, None] == cluster[None, :]
+    assert adj[~same].sum() == 0  # no edge across clusters
+    assert torch.equal(adj, (same & ~torch.eye(6, dtype=torch.bool)).float())  # k=2: each sees both cluster-mates
+    # k=1 on a line of points: each node's nearest neighbour, symmetrised
+    line = torch.tensor([[0.0], [1.0], [3.0], [7.0]])[None]
+    a1 = knn_adjacency(line, k=1)[0]
+    assert a1.nonzero().tolist() == [[0, 1], [1, 0], [1, 2], [2, 1], [2, 3], [3, 2]]
+
+
+def test_graph_bottleneck_replaces_the_deepest_stage_with_graph_convolutions():
+    from medseg.networks.graph import GraphBottleneck
+
+    arch = _arch((1.0, 1.0, 1.0), (16, 24, 16)).model_copy(update={"blocks": Blocks(bottleneck="graph")})
+    net = build_network(arch, 1, 2)
+    assert isinstance(net.encoder[-1], GraphBottleneck) and len(net.encoder[-1].layers) == arch.convs_per_stage
+    assert not any(isinstance(m, GraphBottleneck) for m in net.encoder[:-1])
+    shape = [4, 6, 4]  # 16x24x16 after two stride-2 stages
+    grid = net.encoder[-1].grid(shape, torch.device("cpu"))
+    assert grid.shape == (96, 96) and not any("._grid" in k for k in net.state_dict())  # a cache, not weights

@@ -329,13 +329,14 @@ def test_hippocampus_gpu_plan_equals_nnunet_v2(shared_data_dir: Path) -> None:
     assert c2.architecture.features == [32, 64, 128, 256]
 
 
-def test_variants_get_one_configuration_each_and_unbuildable_ones_are_refused(tmp_path):
+def test_variants_get_one_configuration_each_and_unbuildable_ones_are_refused(tmp_path, monkeypatch):
     from medseg.errors import MedsegError, PlanError
 
     fp = make_fingerprint(20, (1.0, 1.0, 1.0), (36, 50, 35))
-    plans = plan_dataset(fp, device="cuda", memory_gb=8, configs=["3d_fullres"], variants=["built"])
+    plans = plan_dataset(fp, device="cuda", memory_gb=8, configs=["3d_fullres"], variants=["all"])
     assert list(plans.configurations) == ["3d_fullres", "3d_fullres_residual", "3d_fullres_attention", "3d_fullres_se",
-                                          "3d_fullres_reversible"]
+                                          "3d_fullres_reversible", "3d_fullres_graph"]
+    assert plans.config("3d_fullres_graph").architecture.blocks.bottleneck == "graph"
     assert plans.config("3d_fullres_reversible").memory.activations_gb < plans.config("3d_fullres").memory.activations_gb
     residual = plans.config("3d_fullres_residual")
     assert residual.architecture.blocks.encoder_block == "residual" and residual.variant == "residual"
@@ -343,7 +344,10 @@ def test_variants_get_one_configuration_each_and_unbuildable_ones_are_refused(tm
     assert plans.config("3d_fullres_se").architecture.blocks.squeeze_excitation == "scse"
     plans.save(tmp_path / "plans.json")
     assert Plans.load(tmp_path / "plans.json") == plans
-    with pytest.raises(PlanError, match="variant 'graph' cannot be built"):
+    import medseg.networks.unet as unet
+
+    monkeypatch.setattr(unet, "MAX_GRAPH_NODES", 8)
+    with pytest.raises(PlanError, match="variant 'graph' of 2d cannot be built: graph bottleneck too large: 35 nodes"):
         plan_dataset(fp, device="cuda", memory_gb=8, variants=["plain", "graph"])
     with pytest.raises(MedsegError, match="did you mean 'attention'"):
         plan_dataset(fp, device="cuda", memory_gb=8, variants=["atention"])

@@ -23,27 +23,33 @@ from medseg.networks.blocks import (
     SqueezeExcitation,
     init_weights,
 )
+from medseg.errors import PlanError
+from medseg.networks.graph import MAX_GRAPH_NODES, GraphBottleneck
 from medseg.networks.reversible import ReversibleBlock
 from medseg.plans.schema import Architecture
 from medseg.utils import look_up
 
-NOT_BUILT_YET = {"bottleneck": "graph"}
+
+def bottleneck_shape(arch: Architecture, patch_size: Sequence[int]) -> list[int]:
+    """Spatial size of the deepest stage for a patch (each stride rounds up, as the convs do)."""
+    cur = np.array(patch_size, dtype=float)
+    for st in arch.strides:
+        cur = np.ceil(cur / np.array(st))
+    return [int(c) for c in cur]
 
 
-def _check_buildable(arch: Architecture) -> None:
-    blocks = arch.blocks.model_dump()
-    missing = [k for k, v in NOT_BUILT_YET.items() if blocks[k] == v]
-    if missing:
-        from medseg.errors import PlanError
-
-        raise PlanError(f"block variant(s) {missing} are not implemented yet; available: encoder_block "
-                        f"{sorted(ENCODER_BLOCKS)}, attention_gates, squeeze_excitation cse|sse|scse, reversible")
+def check_buildable(arch: Architecture, patch_size: Sequence[int] | None = None) -> None:
+    """Refuse block combinations the builder cannot make, with a one-line reason."""
     if arch.blocks.reversible and arch.blocks.encoder_block == "residual":
-        from medseg.errors import PlanError
-
         raise PlanError("reversible blocks replace the encoder's blocks (their couplings are residual already); "
                         "choose encoder_block 'plain' with reversible")
     look_up(arch.blocks.encoder_block, ENCODER_BLOCKS, "encoder_block")
+    if arch.blocks.bottleneck == "graph" and patch_size is not None:
+        shape = bottleneck_shape(arch, patch_size)
+        nodes = int(np.prod(shape))
+        if nodes > MAX_GRAPH_NODES:
+            raise PlanError(f"graph bottleneck too large: {nodes} nodes (bottleneck {shape} for patch "
+                            f"{list(patch_size)}) > {MAX_GRAPH_NODES}; its dense adjacency grows as nodes²")
 
 
 def stage_block(arch: Architecture, decoder: bool = False) -> type[nn.Module]:
@@ -52,12 +58,20 @@ def stage_block(arch: Architecture, decoder: bool = False) -> type[nn.Module]:
     return PlainBlock if decoder else ENCODER_BLOCKS[arch.blocks.encoder_block]
 
 
+def bottleneck_block(arch: Architecture) -> type[nn.Module]:
+    return GraphBottleneck if arch.blocks.bottleneck == "graph" else stage_block(arch)
+
+
 def encoder_depths(arch: Architecture) -> list[int]:
-    """Units (residual), couplings (reversible) or convs (plain) per encoder stage."""
+    """Units (residual), couplings (reversible), convs (plain) or graph convolutions (graph bottleneck) per
+    encoder stage."""
+    out = [arch.convs_per_stage] * arch.num_stages
     if arch.blocks.encoder_block == "residual" and not arch.blocks.reversible:
         depths = arch.encoder_units_per_stage or list(RESIDUAL_STAGE_DEPTHS)
-        return [depths[min(i, len(depths) - 1)] for i in range(arch.num_stages)]
-    return [arch.convs_per_stage] * arch.num_stages
+        out = [depths[min(i, len(depths) - 1)] for i in range(arch.num_stages)]
+    if arch.blocks.bottleneck == "graph":
+        out[-1] = arch.convs_per_stage  # graph convolutions in the bottleneck
+    return out
 
 
 class UNet(nn.Module):
@@ -67,7 +81,7 @@ class UNet(nn.Module):
 
     def __init__(self, arch: Architecture, in_channels: int, num_classes: int):
         super().__init__()
-        _check_buildable(arch)
+        check_buildable(arch)
         dim = len(arch.strides[0])
         self.dim, self.deep_supervision = dim, arch.deep_supervision
         b = arch.blocks
@@ -82,7 +96,8 @@ class UNet(nn.Module):
         self.encoder = nn.ModuleList()
         prev = in_channels
         for i, depth in enumerate(encoder_depths(arch)):
-            self.encoder.append(with_se(block_cls(dim, prev, f[i], k[i], s[i], depth), f[i]))
+            cls = bottleneck_block(arch) if i == arch.num_stages - 1 else block_cls
+            self.encoder.append(with_se(cls(dim, prev, f[i], k[i], s[i], depth), f[i]))
             prev = f[i]
         self.up, self.decoder, self.heads, self.gates = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i in range(arch.num_stages - 2, -1, -1):
@@ -158,7 +173,8 @@ def estimate_costs(arch: Architecture, patch_size: Sequence[int], batch_size: in
 
     prev = in_channels
     for i, depth in enumerate(encoder_depths(arch)):
-        add(block_cls.cost(prev, f[i], k[i], sizes[i], depth, s[i]))
+        cls = bottleneck_block(arch) if i == arch.num_stages - 1 else block_cls
+        add(cls.cost(prev, f[i], k[i], sizes[i], depth, s[i]))
         se(f[i], sizes[i])
         prev = f[i]
     for i in range(arch.num_stages - 2, -1, -1):

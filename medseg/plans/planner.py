@@ -19,7 +19,7 @@ from medseg import __version__
 from medseg.errors import PlanError
 from medseg.fingerprint import Fingerprint
 from medseg.io.dataset import channel_normalization
-from medseg.networks.unet import estimate_costs
+from medseg.networks.unet import check_buildable, estimate_costs
 from medseg.plans import topology
 from medseg.plans.schema import Architecture, Blocks, Configuration, MemoryEstimate, Normalization, Plans, Training
 from medseg.utils import look_up
@@ -48,23 +48,16 @@ VARIANTS: dict[str, Blocks] = {
     "reversible": Blocks(reversible=True),
     "graph": Blocks(bottleneck="graph"),
 }
-VARIANT_PRESETS = {"all": ["plain", "residual", "attention", "se", "reversible", "graph"],
-                   "built": ["plain", "residual", "attention", "se", "reversible"]}
+VARIANT_PRESETS = {"all": ["plain", "residual", "attention", "se", "reversible", "graph"]}
 
 
 def resolve_variants(names: Sequence[str]) -> list[str]:
-    """Expand presets, check names, and refuse variants the network builder cannot build yet."""
-    from medseg.networks.unet import NOT_BUILT_YET
-
+    """Expand presets and check names (whether a variant can be built depends on the patch, and is
+    checked per configuration by the planner)."""
     out: list[str] = []
     for name in names:
         for v in VARIANT_PRESETS.get(name, [name]):
             look_up(v, list(VARIANTS) + list(VARIANT_PRESETS), "variant")
-            blocks = VARIANTS[v].model_dump()
-            missing = [k for k, val in NOT_BUILT_YET.items() if blocks[k] == val]
-            if missing:
-                raise PlanError(f"variant {v!r} cannot be built: {missing[0]} blocks are not implemented yet "
-                                f"(buildable: {', '.join(VARIANT_PRESETS['built'])})")
             if v not in out:
                 out.append(v)
     return out
@@ -192,6 +185,10 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
         iters = CPU_ITERATIONS_PER_EPOCH
         epochs = int(np.ceil(CPU_TARGET_ITERATIONS / iters))
         budget_min = time_budget_min
+    try:
+        check_buildable(arch, patch)
+    except PlanError as e:
+        raise PlanError(f"{fp.dataset_name}: variant {variant!r} of {name} cannot be built: {e}") from None
     _, total = fits(arch, patch, batch)
     costs = estimate_costs(arch, patch, batch, n_in, n_cls)
     norm = _normalization(fp)

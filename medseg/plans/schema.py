@@ -38,7 +38,8 @@ class Normalization(_Model):
 
 class Blocks(_Model):
     """Block variants, combinable (``reversible`` replaces the stage blocks, so not with
-    ``encoder_block: residual``). ``bottleneck: graph`` is not built yet (refused by name)."""
+    ``encoder_block: residual``). ``bottleneck: graph`` replaces the deepest stage's convs by graph
+    convolutions over its voxels (grid + feature-space kNN adjacency)."""
 
     encoder_block: Literal["plain", "residual"] = "plain"
     attention_gates: bool = False
