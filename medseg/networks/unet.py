@@ -15,6 +15,7 @@ import torch
 from monai.networks.layers.factories import Conv
 from torch import nn
 
+from medseg.errors import PlanError
 from medseg.networks.blocks import (
     ENCODER_BLOCKS,
     RESIDUAL_STAGE_DEPTHS,
@@ -23,7 +24,6 @@ from medseg.networks.blocks import (
     SqueezeExcitation,
     init_weights,
 )
-from medseg.errors import PlanError
 from medseg.networks.graph import MAX_GRAPH_NODES, GraphBottleneck
 from medseg.networks.reversible import ReversibleBlock
 from medseg.plans.schema import Architecture
