@@ -132,6 +132,9 @@ def predict(
     no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirroring test-time augmentation."),
     step: float = typer.Option(0.5, "--step", help="Sliding-window step as a fraction of the patch."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities"),
+    save_attention: bool = typer.Option(False, "--save-attention",
+                                        help="Also write <case>_attention: the attention gates' coefficients "
+                                             "(one volume per gate, full resolution first)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: str = typer.Option(None, "--device"),
 ) -> None:
@@ -142,7 +145,8 @@ def predict(
     if folds:
         fold_list = [f if f == "all" else int(f) for f in _configs(folds)]
     written = predict_folder(input, output, model, config_name=config, folds=fold_list, step=step, tta=not no_tta,
-                             save_probabilities=save_probabilities, overwrite=overwrite, device=_device(device),
+                             save_probabilities=save_probabilities, save_attention=save_attention,
+                             overwrite=overwrite, device=_device(device),
                              progress=True)
     console.print(f"[green]{len(written)} segmentation(s) written to[/] {output}")
 

@@ -351,3 +351,19 @@ def test_variants_get_one_configuration_each_and_unbuildable_ones_are_refused(tm
         plan_dataset(fp, device="cuda", memory_gb=8, variants=["plain", "graph"])
     with pytest.raises(MedsegError, match="did you mean 'attention'"):
         plan_dataset(fp, device="cuda", memory_gb=8, variants=["atention"])
+
+
+def test_reversible_buys_a_larger_patch_where_memory_binds_and_records_the_trade():
+    fp = make_fingerprint(20, (1.0, 1.0, 1.0), (160, 160, 160))
+    plans = plan_dataset(fp, device="cuda", memory_gb=1.0, configs=["3d_fullres"], variants=["plain", "reversible"])
+    plain, rev = plans.config("3d_fullres"), plans.config("3d_fullres_reversible")
+    assert plain.memory.trade is None
+    trade = rev.memory.trade
+    assert trade.versus_patch_size == plain.patch_size and trade.patch_size == rev.patch_size
+    assert np.prod(rev.patch_size) > np.prod(plain.patch_size) and trade.voxel_ratio > 1.0
+    assert "let patch" in trade.note
+    assert rev.memory.estimate_gb <= 1.0
+    small = plan_dataset(make_fingerprint(20, (1.0, 1.0, 1.0), (36, 50, 35)), device="cuda", memory_gb=8,
+                         configs=["3d_fullres"], variants=["reversible"])
+    t = small.config("3d_fullres_reversible").memory.trade
+    assert t.voxel_ratio == 1.0 and "no larger patch to buy" in t.note

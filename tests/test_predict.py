@@ -91,3 +91,29 @@ def test_sliding_window_with_mirroring_is_exact_for_an_equivariant_predictor():
 
     probs = predict_logits_tta(predictor, x, (16, 16, 16), step=0.5, mirror_axes=(0, 1, 2))
     np.testing.assert_allclose(probs.numpy(), torch.softmax(predictor(x), 1).numpy(), atol=1e-5)
+
+
+def test_save_attention_writes_one_coefficient_volume_per_gate_in_the_input_grid(trained, tmp_path):
+    from medseg.plans.schema import Plans
+
+    plans = Plans.load(trained / "plans.json")
+    gated = plans.configurations["3d_fullres"].model_copy(deep=True)
+    gated.variant = "attention"
+    gated.architecture.blocks.attention_gates = True
+    plans.configurations[gated.key] = gated
+    plans.save(trained / "plans.json")
+    train_fold(trained, gated.key, 0, epochs=1, validate_full=False)
+    image, _ = make_case(shape=(22, 19, 17), seed=6)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(image[0], np.diag([1.1, 0.9, 1.3, 1.0])), tmp_path / "in" / "y.nii.gz")
+    predict_folder(tmp_path / "in", tmp_path / "out", trained, config_name=gated.key, folds=[0], save_attention=True)
+    att = nib.load(tmp_path / "out" / "y_attention.nii.gz")
+    gates = gated.architecture.num_stages - 1
+    assert att.shape == (22, 19, 17, gates)
+    np.testing.assert_allclose(att.affine, np.diag([1.1, 0.9, 1.3, 1.0]))
+    a = np.asanyarray(att.dataobj)
+    assert a.min() >= 0.0 and a.max() <= 1.0 and a.std() > 0
+    with pytest.raises(MedsegError, match="has no attention gates to save; choose one that has: 3d_fullres_attention"):
+        predict_folder(tmp_path / "in", tmp_path / "out2", trained, config_name="3d_fullres", folds=[0],
+                       save_attention=True)
+    assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())

@@ -100,20 +100,28 @@ def available_folds(workdir: Path, config: str) -> list[int | str]:
 
 
 def predict_case(models: list[torch.nn.Module], image: np.ndarray, geometry, config: Configuration, *,
-                 step: float = 0.5, tta: bool = True, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, dict]:
-    """Raw image (C, X, Y, Z) → (label map (X, Y, Z) in the input grid, preprocessed-grid probabilities, props)."""
+                 step: float = 0.5, tta: bool = True, device: str = "cpu",
+                 attention: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Raw image (C, X, Y, Z) → (label map (X, Y, Z) in the input grid, preprocessed-grid probabilities, props).
+    With ``attention``, ``props["attention"]`` holds the attention coefficients in the input grid
+    ((gates, X, Y, Z), full resolution first, mean over models and mirrorings)."""
     data, props = preprocess_image(image, geometry, config)
     mirror = config.training.mirror_axes if tta else []
     probs = predict_volume(models, data, config.patch_size, step=step, mirror_axes=mirror, device=device)
+    if attention:
+        maps = predict_volume(models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
+                              attention=True)
+        props["attention"] = export_probability_maps(maps, props, config, background_first=False)
     return export_probabilities(probs, props, config), probs, props
 
 
 def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: str | None = None,
                    folds: list[int | str] | None = None, step: float = 0.5, tta: bool = True,
-                   save_probabilities: bool = False, overwrite: bool = False, device: str = "cpu",
-                   progress: bool = False) -> list[Path]:
+                   save_probabilities: bool = False, save_attention: bool = False, overwrite: bool = False,
+                   device: str = "cpu", progress: bool = False) -> list[Path]:
     """Predict every image in ``inputs`` (file or folder) into ``output`` with the trained model in
-    ``workdir``. Cases whose output exists are skipped unless ``overwrite``."""
+    ``workdir``. Cases whose output exists are skipped unless ``overwrite``. ``save_attention`` writes
+    each case's attention coefficients as ``<case>_attention`` (one volume per gate) beside it."""
     from medseg.progress import track
 
     plans = Plans.load(Path(workdir) / "plans.json")
@@ -126,6 +134,10 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
     folds = folds if folds is not None else available_folds(workdir, config.key)
     if not folds:
         raise CheckpointError(f"{workdir}: configuration {config.key} has no finished fold")
+    if save_attention and not config.architecture.blocks.attention_gates:
+        gated = [k for k, c in plans.configurations.items() if c.architecture.blocks.attention_gates]
+        raise MedsegError(f"{workdir}: configuration {config.key} has no attention gates to save"
+                          + (f"; choose one that has: {', '.join(gated)}" if gated else ""))
     cases = find_inputs(inputs, len(plans.channel_names))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -136,11 +148,14 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
         log.info("skipping %d case(s) already predicted (use --overwrite to redo)", len(cases) - len(todo))
     for case in track(todo, total=len(todo), description="predict", enabled=progress):
         image, geometry = read_input(case, len(plans.channel_names))
-        seg, probs, props = predict_case(models, image, geometry, config, step=step, tta=tta, device=device)
+        seg, probs, props = predict_case(models, image, geometry, config, step=step, tta=tta, device=device,
+                                         attention=save_attention)
         out_path = output / f"{case.case_id}{case.suffix}"
         if save_probabilities:
             maps = export_probability_maps(probs, props, config)
             write_image(output / f"{case.case_id}_probabilities{case.suffix}", maps, geometry, np.float32)
+        if save_attention:
+            write_image(output / f"{case.case_id}_attention{case.suffix}", props["attention"], geometry, np.float32)
         write_image(out_path, seg, geometry, np.uint8)
         written.append(out_path)
     return written

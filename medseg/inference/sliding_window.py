@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -27,25 +28,44 @@ def _windowed(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], step:
                                     cval=0.0)
 
 
+def _softmax(t: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(t, dim=1)
+
+
 @torch.inference_mode()
 def predict_logits_tta(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], *, step: float = 0.5,
-                       mirror_axes: Sequence[int] = (), sw_batch: int = 2) -> torch.Tensor:
-    """x: (N, C, *S) → softmax probabilities (N, K, *S), averaged over mirrorings of the spatial
-    axes in ``mirror_axes`` (0-based spatial indices)."""
+                       mirror_axes: Sequence[int] = (), sw_batch: int = 2,
+                       transform: Callable[[torch.Tensor], torch.Tensor] = _softmax) -> torch.Tensor:
+    """x: (N, C, *S) → ``transform`` of the stitched outputs (softmax probabilities (N, K, *S) by
+    default), averaged over mirrorings of the spatial axes in ``mirror_axes`` (0-based spatial indices)."""
     total = None
     sets = mirror_sets(mirror_axes)
     for axes in sets:
         dims = [a + 2 for a in axes]
         xi = torch.flip(x, dims) if dims else x
-        p = torch.softmax(_windowed(predictor, xi, patch, step, sw_batch).float(), dim=1)
+        p = transform(_windowed(predictor, xi, patch, step, sw_batch).float())
         p = torch.flip(p, dims) if dims else p
         total = p if total is None else total + p
     return total / len(sets)
 
 
+def attention_predictor(model: torch.nn.Module) -> Predictor:
+    """A predictor returning the model's attention coefficients instead of its logits: one channel per
+    gate, full resolution first, coarser gates upsampled (linear) to the window's size."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        model(x)
+        size = tuple(x.shape[2:])
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        maps = [m.float() if tuple(m.shape[2:]) == size else F.interpolate(m.float(), size=size, mode=mode)
+                for m in model.attention_maps()]
+        return torch.cat(maps, dim=1)
+    return run
+
+
 def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: Sequence[int], *, step: float = 0.5,
-                   mirror_axes: Sequence[int] = (), device: str = "cpu") -> np.ndarray:
-    """Preprocessed (C, *S) 3D volume → probabilities (K, *S), mean over ``models``.
+                   mirror_axes: Sequence[int] = (), device: str = "cpu", attention: bool = False) -> np.ndarray:
+    """Preprocessed (C, *S) 3D volume → probabilities (K, *S), mean over ``models``; with
+    ``attention``, the models' attention coefficients (gates, *S) instead.
 
     A 2D patch predicts slice by slice along axis 0 (the out-of-plane axis)."""
     x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
@@ -56,8 +76,11 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
     for model in models:
         model.eval()
         with autocast:
-            p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes,
-                                   sw_batch=8 if two_d else 2)
+            if attention:
+                p = predict_logits_tta(attention_predictor(model), x, patch, step=step, mirror_axes=mirror_axes,
+                                       sw_batch=8 if two_d else 2, transform=lambda t: t)
+            else:
+                p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2)
         total = p if total is None else total + p
     probs = total / len(models)
     probs = probs.permute(1, 0, 2, 3) if two_d else probs[0]

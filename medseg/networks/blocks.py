@@ -15,8 +15,14 @@ from monai.networks.layers.factories import Act, Conv, Norm, Pool
 from torch import nn
 
 # Elements kept for backward per conv–norm–activation, in units of its output size: the conv output
-# (norm input), the norm output (activation input) and the activation output (next conv's input).
-STORED_TENSORS_PER_CONV = 3
+# (the norm's input) and the activation's output (the in-place leaky ReLU overwrites the norm's output;
+# autograd keeps it for the activation and the next conv). Measured with saved-tensor hooks.
+STORED_TENSORS_PER_CONV = 2
+# Transient tensors alive while a block runs backward (gradients of its output, its concatenated
+# input and its convs' inputs, the conv workspace, the loss at the same level), in units of the
+# block's output size. Only one block is in backward at a time, so the network's workspace is the
+# largest block's. Fitted to measured peaks (medseg.memory.measure_training_peak, docs/architecture.md).
+WORKSPACE_UNITS = 3.0
 
 
 def _padding(kernel: Sequence[int]) -> tuple[int, ...]:
@@ -36,6 +42,8 @@ class ConvNormAct(nn.Sequential):
 
 class PlainBlock(nn.Sequential):
     """``n`` ConvNormAct units; the first one carries the stride (strided-conv downsampling)."""
+
+    workspace_units = WORKSPACE_UNITS
 
     def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], n: int = 2):
         layers = [ConvNormAct(dim, in_ch, out_ch, kernel, stride)]
@@ -78,16 +86,19 @@ class ResidualUnit(nn.Module):
         k = float(np.prod(kernel))
         flops = 2 * k * (in_ch * out_ch + out_ch * out_ch) * out_voxels
         params = int(k * in_ch * out_ch + 3 * out_ch + k * out_ch * out_ch + 3 * out_ch)
-        elements = (STORED_TENSORS_PER_CONV + 2 + 2) * out_ch * out_voxels  # conv1 unit, conv2+norm, sum+act
+        # conv1 unit, conv2's output (norm input), the sum (in-place activation output); the addition keeps nothing
+        elements = (STORED_TENSORS_PER_CONV + 1 + 1) * out_ch * out_voxels
         if projected:
             flops += 2 * in_ch * out_ch * out_voxels
             params += in_ch * out_ch + 2 * out_ch
-            elements += 2 * out_ch * out_voxels
+            elements += out_ch * out_voxels  # the projection conv's output (norm input)
         return elements, flops, params
 
 
 class ResidualBlock(nn.Sequential):
     """``n`` residual units; the first one carries the stride (ResEnc-style encoder stage)."""
+
+    workspace_units = WORKSPACE_UNITS
 
     def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], n: int = 1):
         units = [ResidualUnit(dim, in_ch, out_ch, kernel, stride)]
@@ -161,6 +172,8 @@ class AttentionGate(nn.Module):
     ``last_coefficients`` for inspection.
     """
 
+    workspace_units = 1.0  # in units of the skip's size, on top of the decoder block's at that level
+
     def __init__(self, dim: int, skip_ch: int, gate_ch: int, inter_ch: int | None = None):
         super().__init__()
         inter = inter_ch or max(1, skip_ch // 2)
@@ -181,7 +194,8 @@ class AttentionGate(nn.Module):
         inter = max(1, skip_ch // 2)
         params = skip_ch * inter + gate_ch * inter + 4 * inter + inter + 1
         flops = 2 * (skip_ch + gate_ch) * inter * voxels + 2 * inter * voxels
-        elements = 5 * inter * voxels + 2 * voxels + skip_ch * voxels
+        # W_x and W_g outputs (norm inputs), the ReLU output, the coefficients (sigmoid output and product)
+        elements = 3 * inter * voxels + 2 * voxels
         return elements, flops, params
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.networks.blocks import STORED_TENSORS_PER_CONV, ConvNormAct
+from medseg.networks.blocks import STORED_TENSORS_PER_CONV, WORKSPACE_UNITS, ConvNormAct
 
 MAX_GRAPH_NODES = 4096
 DEFAULT_K = 8
@@ -97,6 +97,8 @@ class GraphConv(nn.Module):
 class GraphBottleneck(nn.Module):
     """The deepest stage: a strided conv–norm–act into the bottleneck (as every stage), then ``n``
     graph convolutions over its voxels. Same signature as the other stage blocks."""
+
+    workspace_units = WORKSPACE_UNITS
 
     def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], n: int = 2,
                  k: int = DEFAULT_K):

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medseg.networks.blocks import STORED_TENSORS_PER_CONV, ConvNormAct
+from medseg.networks.blocks import ConvNormAct
 
 
 class Coupling(nn.Module):
@@ -57,28 +58,35 @@ class _ReversibleSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        # Rebuild each coupling's input in place in the saved output's storage and accumulate the
+        # gradient in place in one copy of dy, so that one coupling's recomputation is all that is
+        # allocated. (The saved output was also the input of the layers after this stage; their
+        # backward has run by now, and a second backward through them fails loudly on the version
+        # counter instead of reading overwritten values.)
         (y,) = ctx.saved_tensors
+        y, dy = y.detach(), dy.clone()
         grads: dict[int, torch.Tensor] = {}
         for c in reversed(ctx.couplings):
-            y1, y2 = (t.detach() for t in torch.chunk(y, 2, dim=1))
+            y1, y2 = torch.chunk(y, 2, dim=1)
             dy1, dy2 = torch.chunk(dy, 2, dim=1)
             g_params = list(c.g.parameters())
             f_params = list(c.f.parameters())
             with torch.enable_grad():
-                z1 = y1.requires_grad_()
+                z1 = y1.detach().requires_grad_()
                 gz = c.g(z1)
                 dz1, *dg = torch.autograd.grad(gz, [z1, *g_params], dy2)
             with torch.no_grad():
-                x2 = y2 - gz
-                dz1 = dy1 + dz1
+                y2.sub_(gz)  # y2 := x2 = y2 - G(y1)
+                dy1.add_(dz1)  # dy1 := total gradient of y1 = gradient of x1
+            del gz, dz1, z1
             with torch.enable_grad():
-                x2 = x2.detach().requires_grad_()
+                x2 = y2.detach().requires_grad_()
                 fx = c.f(x2)
-                dx2, *df = torch.autograd.grad(fx, [x2, *f_params], dz1)
+                dx2, *df = torch.autograd.grad(fx, [x2, *f_params], dy1)
             with torch.no_grad():
-                x1 = y1 - fx
-                y = torch.cat([x1, x2.detach()], dim=1)
-                dy = torch.cat([dz1, dy2 + dx2], dim=1)
+                y1.sub_(fx)  # y1 := x1 = y1 - F(x2)
+                dy2.add_(dx2)  # dy2 := gradient of x2
+            del fx, dx2, x2
             for p, g in zip(g_params + f_params, dg + df, strict=True):
                 grads[id(p)] = g
         params = [p for c in ctx.couplings for p in c.parameters()]
@@ -86,19 +94,39 @@ class _ReversibleSequence(torch.autograd.Function):
 
 
 class ReversibleBlock(nn.Module):
-    """A U-Net stage: one (strided) conv–norm–act from ``in_ch`` to ``out_ch``, then ``n``
-    reversible couplings at ``out_ch``. With ``memory_saving`` (default) the couplings' activations
-    are recomputed in backward; without it the same computation runs under plain autograd
-    (used to check that both give the same gradients)."""
+    """A U-Net stage: one (strided) convolution from ``in_ch`` to ``out_ch``, then ``n`` reversible
+    couplings at ``out_ch`` (each coupling normalises and activates inside its F and G).
 
-    def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], n: int = 2):
+    The entry is a bare convolution so that nothing of it is stored: its output is the chain's input,
+    which backward rebuilds from the chain's output, and a convolution's backward needs only its
+    input (stored already by the stage before). In the decoder (``skip_ch`` given) the entry is one
+    convolution over the up-sampled features plus one over the skip, the same operation as a
+    convolution over their concatenation without storing the concatenation. So a stage keeps one
+    tensor for backward, the chain's output (plus the up-sampled features in the decoder).
+
+    With ``memory_saving`` (default) the couplings' activations are recomputed in backward; without
+    it the same computation runs under plain autograd (used to check both give the same gradients)."""
+
+    # backward rebuilds each coupling's input in place and runs it again under autograd: the output
+    # (rebuilt in place), one copy of its gradient, and one half-coupling's recomputed activations and
+    # gradients are alive together, besides the non-reversible transients every block has
+    workspace_units = 5.0
+
+    def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], n: int = 2,
+                 skip_ch: int | None = None):
         super().__init__()
-        self.entry = ConvNormAct(dim, in_ch, out_ch, kernel, stride)
+        conv = Conv[Conv.CONV, dim]
+        pad = tuple(k // 2 for k in kernel)
+        self.entry = conv(in_ch - (skip_ch or 0), out_ch, tuple(kernel), tuple(stride), padding=pad, bias=True)
+        self.entry_skip = (conv(skip_ch, out_ch, tuple(kernel), tuple(stride), padding=pad, bias=False)
+                           if skip_ch else None)
         self.couplings = nn.ModuleList(Coupling(dim, out_ch, kernel) for _ in range(n))
         self.memory_saving = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = self.entry(x)
+        if self.entry_skip is not None:
+            x = x + self.entry_skip(skip)
         if self.memory_saving and torch.is_grad_enabled() and x.requires_grad:
             return _ReversibleSequence.apply(x, self.couplings, *[p for c in self.couplings for p in c.parameters()])
         for c in self.couplings:
@@ -108,12 +136,12 @@ class ReversibleBlock(nn.Module):
     @staticmethod
     def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, n: int = 2,
              stride: Sequence[int] = ()) -> tuple[float, float, int]:
-        """Stored elements: the entry unit and the chain's output. (One coupling's activations also
-        exist transiently while it is recomputed in backward; that is one coupling for the whole
-        network at a time, not per stage, and is left out.)"""
+        """Stored elements: the chain's output. (One coupling's activations also exist transiently
+        while it is recomputed in backward; that is one block for the whole network at a time,
+        counted in :attr:`workspace_units`.)"""
         k = float(np.prod(kernel))
         half = out_ch // 2
         flops = 2 * k * in_ch * out_ch * out_voxels + n * 2 * (2 * k * half * half * out_voxels)
-        params = int(k * in_ch * out_ch + 3 * out_ch + n * 2 * (k * half * half + 3 * half))
-        elements = (STORED_TENSORS_PER_CONV + 1) * out_ch * out_voxels
+        params = int(k * in_ch * out_ch + out_ch + n * 2 * (k * half * half + 3 * half))
+        elements = out_ch * out_voxels
         return elements, flops, params

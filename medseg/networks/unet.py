@@ -74,6 +74,13 @@ def encoder_depths(arch: Architecture) -> list[int]:
     return out
 
 
+class _WithSE(nn.Sequential):
+    """A block followed by squeeze–excitation; passes every input on to the block."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0](*xs))
+
+
 class UNet(nn.Module):
     """Encoder (plain or residual stages) → decoder (transposed conv up, optional attention gate
     on the skip, concatenation, plain conv block), squeeze–excitation after every block when
@@ -84,6 +91,7 @@ class UNet(nn.Module):
         check_buildable(arch)
         dim = len(arch.strides[0])
         self.dim, self.deep_supervision = dim, arch.deep_supervision
+        self.pair_decoder = arch.blocks.reversible
         b = arch.blocks
         block_cls, decoder_cls = stage_block(arch), stage_block(arch, decoder=True)
         f, k, s, n = arch.features, arch.kernel_sizes, arch.strides, arch.convs_per_stage
@@ -91,7 +99,7 @@ class UNet(nn.Module):
         def with_se(block: nn.Module, channels: int) -> nn.Module:
             if b.squeeze_excitation == "none":
                 return block
-            return nn.Sequential(block, SqueezeExcitation(dim, channels, b.squeeze_excitation, b.se_reduction))
+            return _WithSE(block, SqueezeExcitation(dim, channels, b.squeeze_excitation, b.se_reduction))
 
         self.encoder = nn.ModuleList()
         prev = in_channels
@@ -103,7 +111,8 @@ class UNet(nn.Module):
         for i in range(arch.num_stages - 2, -1, -1):
             self.up.append(Conv[Conv.CONVTRANS, dim](f[i + 1], f[i], tuple(s[i + 1]), tuple(s[i + 1]), bias=False))
             self.gates.append(AttentionGate(dim, f[i], f[i]) if b.attention_gates else nn.Identity())
-            self.decoder.append(with_se(decoder_cls(dim, 2 * f[i], f[i], k[i], [1] * dim, n), f[i]))
+            pair = {"skip_ch": f[i]} if self.pair_decoder else {}  # reversible: up-sampled and skip kept apart
+            self.decoder.append(with_se(decoder_cls(dim, 2 * f[i], f[i], k[i], [1] * dim, n, **pair), f[i]))
             self.heads.append(Conv[Conv.CONV, dim](f[i], num_classes, 1, 1, bias=True))
         self.apply(init_weights)
 
@@ -120,7 +129,7 @@ class UNet(nn.Module):
             u = up(x)
             skip = skips.pop()
             skip = gate(skip, u) if isinstance(gate, AttentionGate) else skip
-            x = block(torch.cat([u, skip], dim=1))
+            x = block(u, skip) if self.pair_decoder else block(torch.cat([u, skip], dim=1))
             outputs.append(head(x))
         outputs.reverse()
         if self.training and self.deep_supervision:
@@ -137,13 +146,34 @@ def build_network(arch: Architecture, in_channels: int, num_classes: int) -> UNe
     return UNet(arch, in_channels, num_classes)
 
 
+OPTIMISER_COPIES = 3  # weights, gradients and SGD momentum
+
+
 @dataclass(frozen=True)
 class CostEstimate:
-    """Analytic costs of one training step (per batch), from the same topology walk as the builder."""
+    """Analytic costs of one training step (per batch), from the same topology walk as the builder.
+
+    The memory model, fitted to measured peaks of real training steps (docs/architecture.md): the
+    peak comes early in backward, at the full-resolution decoder block, when every stored activation
+    is still alive, that block's backward workspace is allocated, and besides the weights and their
+    momentum few gradients exist yet (gradients grow as activations are freed). When the weights
+    dominate, the peak is instead the optimiser step's weights + gradients + momentum."""
 
     parameters: int
     activation_bytes: float
     forward_flops: float
+    workspace_bytes: float = 0.0
+
+    @property
+    def weight_state_bytes(self) -> float:
+        """Weights, gradients and momentum (float32)."""
+        return OPTIMISER_COPIES * 4.0 * self.parameters
+
+    @property
+    def training_bytes(self) -> float:
+        """Estimated peak tensor memory of one training step (float32)."""
+        backward = self.activation_bytes + self.workspace_bytes + 2 * 4.0 * self.parameters
+        return max(backward, self.weight_state_bytes)
 
     @property
     def train_flops(self) -> float:
@@ -163,9 +193,14 @@ def estimate_costs(arch: Architecture, patch_size: Sequence[int], batch_size: in
         cur = np.ceil(cur / np.array(st))
         sizes.append(int(np.prod(cur)))
     totals = np.zeros(3)  # elements, flops, params
+    workspace = 0.0  # elements: the largest block's backward transients
 
     def add(cost) -> None:
         totals[:] += np.asarray(cost, dtype=float)
+
+    def transient(units: float, channels: int, voxels: int) -> None:
+        nonlocal workspace
+        workspace = max(workspace, units * channels * voxels)
 
     def se(channels: int, voxels: int) -> None:
         if b.squeeze_excitation != "none":
@@ -175,15 +210,21 @@ def estimate_costs(arch: Architecture, patch_size: Sequence[int], batch_size: in
     for i, depth in enumerate(encoder_depths(arch)):
         cls = bottleneck_block(arch) if i == arch.num_stages - 1 else block_cls
         add(cls.cost(prev, f[i], k[i], sizes[i], depth, s[i]))
+        transient(cls.workspace_units, f[i], sizes[i])
         se(f[i], sizes[i])
         prev = f[i]
     for i in range(arch.num_stages - 2, -1, -1):
         ss = int(np.prod(s[i + 1]))
-        add((2 * f[i] * sizes[i], 2 * ss * f[i + 1] * f[i] * sizes[i + 1], ss * f[i + 1] * f[i]))  # up + concat
+        # up-sampling, and the concatenation its conv keeps (reversible: only the up-sampled half is new)
+        kept = (1 if b.reversible else 2) * f[i] * sizes[i]
+        add((kept, 2 * ss * f[i + 1] * f[i] * sizes[i + 1], ss * f[i + 1] * f[i]))
         if b.attention_gates:
             add(AttentionGate.cost(f[i], f[i], sizes[i]))
         add(decoder_cls.cost(2 * f[i], f[i], k[i], sizes[i], n))
+        transient(decoder_cls.workspace_units + (AttentionGate.workspace_units if b.attention_gates else 0.0),
+                  f[i], sizes[i])
         se(f[i], sizes[i])
         add((2 * num_classes * sizes[i], 2 * f[i] * num_classes * sizes[i], f[i] * num_classes + num_classes))
     elements, flops, params = totals
-    return CostEstimate(int(params), elements * batch_size * bytes_per_element, flops * batch_size)
+    return CostEstimate(int(params), elements * batch_size * bytes_per_element, flops * batch_size,
+                        workspace * batch_size * bytes_per_element)

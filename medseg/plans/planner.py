@@ -21,7 +21,16 @@ from medseg.fingerprint import Fingerprint
 from medseg.io.dataset import channel_normalization
 from medseg.networks.unet import check_buildable, estimate_costs
 from medseg.plans import topology
-from medseg.plans.schema import Architecture, Blocks, Configuration, MemoryEstimate, Normalization, Plans, Training
+from medseg.plans.schema import (
+    Architecture,
+    Blocks,
+    Configuration,
+    MemoryEstimate,
+    MemoryTrade,
+    Normalization,
+    Plans,
+    Training,
+)
 from medseg.utils import look_up
 
 log = logging.getLogger(__name__)
@@ -37,7 +46,6 @@ DEFAULT_CPU_TIME_BUDGET_MIN = 30.0
 GPU_EPOCHS, GPU_ITERATIONS = 1000, 250
 CPU_ITERATIONS_PER_EPOCH = 50
 CPU_STEP_OVERHEAD = 1.15  # data loading in a worker process and the per-epoch validation patches
-OPTIMISER_COPIES = 4  # weights, gradients, momentum, and one transient copy
 
 
 VARIANTS: dict[str, Blocks] = {
@@ -132,23 +140,37 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
     budget = memory_gb * 1e9
 
     def fits(arch: Architecture, p: Sequence[int], batch: int) -> tuple[bool, float]:
-        c = estimate_costs(arch, p, batch, n_in, n_cls)
-        total = c.activation_bytes + OPTIMISER_COPIES * 4 * c.parameters
+        total = estimate_costs(arch, p, batch, n_in, n_cls).training_bytes
         return total <= budget, total
 
-    arch, patch = _architecture(spacing, patch, BASE_FEATURES, blocks)
-    while not fits(arch, patch, MIN_BATCH)[0]:
-        ratios = np.asarray(patch) / np.asarray(median_shape)
-        axis = int(np.argmax(ratios))
-        step = topology.divisibility(arch.strides)[axis]
-        if patch[axis] - step < 2 * topology.MIN_FEATURE_MAP:
-            raise PlanError(f"{fp.dataset_name}: no {name} patch fits in {memory_gb:.1f} GB; raise --memory-gb")
-        patch[axis] -= step
-        arch, patch = _architecture(spacing, patch, BASE_FEATURES, blocks)
+    def fit_patch(with_blocks: Blocks) -> tuple[Architecture, list[int]]:
+        """Shrink the largest-relative-to-the-median axis until batch 2 fits the memory budget."""
+        arch, p = _architecture(spacing, patch, BASE_FEATURES, with_blocks)
+        while not fits(arch, p, MIN_BATCH)[0]:
+            ratios = np.asarray(p) / np.asarray(median_shape)
+            axis = int(np.argmax(ratios))
+            step = topology.divisibility(arch.strides)[axis]
+            if p[axis] - step < 2 * topology.MIN_FEATURE_MAP:
+                raise PlanError(f"{fp.dataset_name}: no {name} patch fits in {memory_gb:.1f} GB; raise --memory-gb")
+            p[axis] -= step
+            arch, p = _architecture(spacing, p, BASE_FEATURES, with_blocks)
+        return arch, p
+
+    arch, patch = fit_patch(blocks)
+    trade = None
+    if blocks.reversible:  # what the memory saving bought, against the same blocks stored conventionally
+        _, stored_patch = fit_patch(blocks.model_copy(update={"reversible": False}))
+        gain = float(np.prod(patch) / np.prod(stored_patch))
+        trade = MemoryTrade(versus="the same blocks without reversible couplings", patch_size=list(patch),
+                            versus_patch_size=list(stored_patch), voxel_ratio=gain,
+                            note=(f"reversible couplings let patch {patch} fit in {memory_gb:.1f} GB where stored "
+                                  f"activations allow {stored_patch} ({gain:.2f}x the voxels)") if gain > 1 else
+                            (f"no larger patch to buy: {stored_patch} already fits (capped by the median shape "
+                             f"{list(map(int, median_shape))}); the saving is headroom"))
 
     batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * dataset_voxels / np.prod(patch)))
     one = estimate_costs(arch, patch, 1, n_in, n_cls)
-    per_sample, weights = one.activation_bytes, OPTIMISER_COPIES * 4 * one.parameters
+    per_sample, weights = one.activation_bytes + one.workspace_bytes, one.weight_state_bytes
     mem_batch = max(MIN_BATCH, int((budget - weights) // per_sample))
 
     if device.startswith("cuda"):
@@ -199,8 +221,9 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
         training=Training(epochs=epochs, iterations_per_epoch=iters, val_iterations=max(5, iters // 5),
                           mirror_axes=list(range(dim)), time_budget_min=budget_min),
         memory=MemoryEstimate(budget_gb=memory_gb, estimate_gb=total / 1e9, activations_gb=costs.activation_bytes / 1e9,
-                              weights_gb=OPTIMISER_COPIES * 4 * costs.parameters / 1e9,
-                              flops_per_step=costs.train_flops, step_seconds_estimate=step_s, decision=why),
+                              workspace_gb=costs.workspace_bytes / 1e9, weights_gb=costs.weight_state_bytes / 1e9,
+                              flops_per_step=costs.train_flops, step_seconds_estimate=step_s, decision=why,
+                              trade=trade),
     )
 
 

@@ -86,16 +86,29 @@ class Training(_Model):
     time_budget_min: float | None = None
 
 
+class MemoryTrade(_Model):
+    """What a memory-saving variant bought: its patch against the patch the same budget gives without it."""
+
+    versus: str
+    patch_size: list[int]
+    versus_patch_size: list[int]
+    voxel_ratio: float
+    note: str
+
+
 class MemoryEstimate(_Model):
-    """What justified patch and batch size."""
+    """What justified patch and batch size: the memory model's estimate of one training step's peak
+    (stored activations + the largest block's backward workspace + weights, gradients and momentum)."""
 
     budget_gb: float
     estimate_gb: float
     activations_gb: float
+    workspace_gb: float = 0.0
     weights_gb: float
     flops_per_step: float
     step_seconds_estimate: float | None = None
     decision: str
+    trade: MemoryTrade | None = None
 
 
 class Configuration(_Model):

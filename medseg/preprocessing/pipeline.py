@@ -66,13 +66,16 @@ def export_probabilities(probs: np.ndarray, props: dict, config: Configuration) 
     return out
 
 
-def export_probability_maps(probs: np.ndarray, props: dict, config: Configuration) -> np.ndarray:
-    """Like :func:`export_probabilities` but keeps the (K, X, Y, Z) probabilities (background 1 outside)."""
+def export_probability_maps(probs: np.ndarray, props: dict, config: Configuration,
+                            background_first: bool = True) -> np.ndarray:
+    """Like :func:`export_probabilities` but keeps the (K, X, Y, Z) maps: channel 0 is 1 outside the
+    crop when ``background_first`` (probabilities), every channel 0 otherwise (e.g. attention maps)."""
     aniso = is_anisotropic(props["spacing_transposed"]) or is_anisotropic(config.spacing)
     probs = resample_probabilities(probs, props["shape_cropped_transposed"], aniso)
     probs = probs.transpose([0] + [t + 1 for t in config.transpose_backward])
     out = np.zeros((probs.shape[0], *props["geometry"]["shape"]), dtype=np.float32)
-    out[0] = 1.0
+    if background_first:
+        out[0] = 1.0
     out[(slice(None), *(slice(a, b) for a, b in props["bbox"]))] = probs
     return out
 
