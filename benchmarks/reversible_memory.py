@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from medseg.memory import measure_training_peak
+from medseg.memory import measure_training_peak, saved_for_backward_bytes
 from medseg.networks.unet import build_network, estimate_costs
 from medseg.plans.planner import VARIANTS
 from medseg.plans.schema import Architecture
@@ -29,20 +29,10 @@ def arch(variant: str, base: int, patch) -> Architecture:
                         strides=strides, blocks=VARIANTS[variant])
 
 
-def saved_for_backward_bytes(a: Architecture, patch, batch: int) -> int:
+def kept_for_backward(a: Architecture, patch, batch: int) -> int:
     net = build_network(a, 1, 3)
     x = torch.randn(batch, 1, *patch)
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(x)
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    del out
-    return sum(v for k, v in seen.items() if k not in params)
+    return saved_for_backward_bytes(lambda: net(x), exclude=list(net.parameters()))
 
 
 def main() -> None:
@@ -59,7 +49,7 @@ def main() -> None:
             a = arch(v, base, patch)
             m = measure_training_peak(a, 1, 3, patch=patch, batch=batch)
             row[v] = {"peak_mb": m["peak_bytes"] / 1e6, "model_mb": m["estimate_bytes"] / 1e6,
-                      "saved_for_backward_mb": saved_for_backward_bytes(a, patch, batch) / 1e6,
+                      "saved_for_backward_mb": kept_for_backward(a, patch, batch) / 1e6,
                       "weights_momentum_mb": 8 * m["parameters"] / 1e6}
             print(base, patch, v, row[v], flush=True)
         equal.append(row)

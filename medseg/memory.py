@@ -44,34 +44,58 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-def measure_training_peak(config: Configuration | Architecture, in_channels: int, num_classes: int, *,
-                          patch: Sequence[int] | None = None, batch: int | None = None,
-                          device: str = "cpu") -> dict:
-    """Run two real training steps (forward, deep-supervision loss, backward, SGD with momentum) and
-    measure the second one's peak tensor memory, including the weights and optimiser state it holds.
-    Returns ``peak_bytes``, ``estimate_bytes`` (the planner's model) and ``parameters``."""
+def synthetic_training_step(arch: Architecture, patch: Sequence[int], batch: int, in_channels: int,
+                            num_classes: int, device: str = "cpu"):
+    """A real training step (forward, deep-supervision loss, backward, SGD with Nesterov momentum) of
+    the network ``arch`` builds, on fixed random data. Returns ``(net, optimiser, step)``; the planner
+    times ``step`` and :func:`measure_training_peak` measures its memory."""
     from medseg.training.losses import DeepSupervisionLoss
 
-    arch = config.architecture if isinstance(config, Configuration) else config
-    patch = list(patch or config.patch_size)  # type: ignore[union-attr]
-    batch = batch or config.batch_size  # type: ignore[union-attr]
-    torch.manual_seed(0)
     net = build_network(arch, in_channels, num_classes).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     loss_fn = DeepSupervisionLoss()
-    x = torch.randn(batch, in_channels, *patch, device=device)
-    y = torch.randint(0, num_classes, (batch, 1, *patch), device=device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_channels, *patch, generator=gen).to(device)
+    y = torch.randint(0, num_classes, (batch, 1, *patch), generator=gen).to(device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         loss_fn(net(x), y).backward()
         opt.step()
 
+    return net, opt, step
+
+
+def saved_for_backward_bytes(fn: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs (a saved-tensor
+    hook), leaving out those of ``exclude`` (e.g. the parameters). Returns the count; ``fn``'s
+    result is dropped."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    return sum(v for k, v in seen.items() if k not in skip)
+
+
+def measure_training_peak(config: Configuration | Architecture, in_channels: int, num_classes: int, *,
+                          patch: Sequence[int] | None = None, batch: int | None = None,
+                          device: str = "cpu") -> dict:
+    """Run two real training steps and measure the second one's peak tensor memory, including the
+    weights and optimiser state it holds. Returns ``peak_bytes``, ``estimate_bytes`` (the planner's
+    model) and ``parameters``."""
+    arch = config.architecture if isinstance(config, Configuration) else config
+    patch = list(patch or config.patch_size)  # type: ignore[union-attr]
+    batch = batch or config.batch_size  # type: ignore[union-attr]
+    net, opt, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device)
     step()  # creates the momentum buffers
     opt.zero_grad(set_to_none=True)
     held = sum(p.numel() * p.element_size() for p in net.parameters())
     held += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    data = x.numel() * x.element_size() + y.numel() * y.element_size()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -81,7 +105,5 @@ def measure_training_peak(config: Configuration | Architecture, in_channels: int
         peak = torch.cuda.max_memory_allocated() - base + held
     else:
         peak = cpu_peak_bytes(step) + held
-    total = estimate_training_bytes(arch, patch, batch, in_channels, num_classes)
-    params = sum(p.numel() for p in net.parameters())
-    return {"peak_bytes": int(peak), "estimate_bytes": float(total), "parameters": int(params),
-            "input_bytes": int(data), "patch": patch, "batch": batch}
+    return {"peak_bytes": int(peak), "estimate_bytes": estimate_training_bytes(arch, patch, batch, in_channels, num_classes),
+            "parameters": sum(p.numel() for p in net.parameters()), "patch": patch, "batch": batch}

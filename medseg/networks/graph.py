@@ -105,16 +105,17 @@ class GraphBottleneck(nn.Module):
         super().__init__()
         self.entry = ConvNormAct(dim, in_ch, out_ch, kernel, stride)
         self.layers = nn.ModuleList(GraphConv(out_ch, k) for _ in range(n))
-        self._grid: dict[tuple[int, ...], torch.Tensor] = {}
+        self._grid: dict[tuple, torch.Tensor] = {}
 
     def grid(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        key = tuple(shape)
+        """The normalised grid adjacency for a bottleneck shape, built once per shape and device."""
+        key = (*shape, str(device))
         if key not in self._grid:
-            n = int(np.prod(key))
+            n = int(np.prod(shape))
             if n > MAX_GRAPH_NODES:
-                raise ValueError(f"graph bottleneck of {n} nodes (spatial {list(key)}) exceeds {MAX_GRAPH_NODES}")
-            self._grid[key] = normalise(grid_adjacency(key))
-        return self._grid[key].to(device)
+                raise ValueError(f"graph bottleneck of {n} nodes (spatial {list(shape)}) exceeds {MAX_GRAPH_NODES}")
+            self._grid[key] = normalise(grid_adjacency(shape)).to(device)
+        return self._grid[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.entry(x)

@@ -92,21 +92,13 @@ def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, i
     after one warm-up step; the fastest of ``steps``."""
     import torch
 
-    from medseg.networks.unet import build_network
-    from medseg.training.losses import DeepSupervisionLoss
+    from medseg.memory import synthetic_training_step
 
-    net = build_network(arch, in_channels, num_classes).to(device)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
-    loss_fn = DeepSupervisionLoss()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, in_channels, *patch, generator=gen).to(device)
-    y = torch.randint(0, num_classes, (batch, 1, *patch), generator=gen).to(device)
+    _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device)
     best = float("inf")
     for i in range(steps + 1):
         t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
-        opt.step()
+        step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i:
