@@ -59,10 +59,13 @@ def plan(
     output: Path = typer.Option(..., "-o", "--output", help="Work directory for plans, data, runs."),
     memory_gb: float = typer.Option(None, "--memory-gb", help="Memory budget (default: GPU memory, or a share of RAM)."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    configs: str = typer.Option("2d,3d_fullres", "--configs", help="Comma-separated configurations."),
+    configs: str = typer.Option(None, "--configs",
+                                help="Comma-separated: 2d, 3d_fullres, 3d_lowres (adds the low-resolution stage and "
+                                     "3d_cascade_fullres only when the full-resolution patch covers < 25% of the "
+                                     "median image). Default: all three."),
     time_budget: float = typer.Option(None, "--time-budget", help="CPU: training minutes to plan for (default 30)."),
     variants: str = typer.Option("plain", "--variants",
-                                 help="Network variants, comma-separated: plain, residual, attention, se, reversible "
+                                 help="Network variants, comma-separated: plain, residual, attention, se, reversible, graph "
                                       "(preset: all); one configuration each."),
     no_preprocess: bool = typer.Option(False, "--no-preprocess", help="Only fingerprint and plan."),
     workers: int = typer.Option(None, "--workers", help="Parallel processes (default: CPU count, at most 8)."),
@@ -102,7 +105,9 @@ def info(workdir: Path = typer.Argument(..., help="Work directory made by `medse
 def train(
     workdir: Path = typer.Argument(..., help="Work directory made by `medseg plan`."),
     config: str = typer.Option("3d_fullres", "-c", "--config"),
-    fold: str = typer.Option("0", "-f", "--fold", help="0..4, 'all' (train on everything) or 'cv' (all five)."),
+    fold: str = typer.Option("0", "-f", "--fold",
+                             help="0..4, 'all' (the five cross-validation folds, then the out-of-fold report) "
+                                  "or 'full' (one model on every case)."),
     epochs: int = typer.Option(None, "--epochs"),
     iterations: int = typer.Option(None, "--iterations-per-epoch"),
     time_budget: float = typer.Option(None, "--time-budget", help="Wall-clock minutes for the training loop."),
@@ -111,15 +116,15 @@ def train(
     workers: int = typer.Option(None, "--workers", help="Augmentation processes (default: 1 on CPU, up to 8 on CUDA)."),
     no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full validation."),
 ) -> None:
-    """Train one fold (or all five) of a configuration."""
-    from medseg.training.loop import train_fold
+    """Train one fold, all five (-f all) or one model on every case (-f full) of a configuration."""
+    from medseg.training.crossval import parse_folds, train_folds
 
-    folds: list[int | str] = list(range(5)) if fold == "cv" else [fold if fold == "all" else int(fold)]
-    for f in folds:
-        run = train_fold(workdir, config, f, epochs=epochs, iterations_per_epoch=iterations,
-                         time_budget_min=time_budget, resume=resume, device=_device(device), num_workers=workers,
-                         validate_full=not no_validation, progress=True)
-        console.print(f"[green]fold {f} done[/]: {run}")
+    folds = parse_folds(workdir, config, fold)
+    summary = train_folds(workdir, config, folds, epochs=epochs, iterations_per_epoch=iterations,
+                          time_budget_min=time_budget, resume=resume, device=_device(device), num_workers=workers,
+                          validate_full=not no_validation, progress=True)
+    for line in summary:
+        console.print(line)
 
 
 @app.command()
@@ -127,28 +132,53 @@ def predict(
     input: Path = typer.Option(..., "-i", "--input", help="Image file or folder of images."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
     model: Path = typer.Option(..., "-m", "--model", help="Work directory with trained runs."),
-    config: str = typer.Option(None, "-c", "--config", help="Configuration (default: 3d_fullres if trained)."),
-    folds: str = typer.Option(None, "-f", "--folds", help="Comma-separated folds (default: all finished)."),
+    config: str = typer.Option(None, "-c", "--config",
+                               help="Configuration (default: model.json from `medseg find-best`, else 3d_fullres)."),
+    folds: str = typer.Option(None, "-f", "--folds",
+                              help="Comma-separated folds, or 'full' (default: model.json's, else all finished)."),
     no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirroring test-time augmentation."),
     step: float = typer.Option(0.5, "--step", help="Sliding-window step as a fraction of the patch."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities"),
     save_attention: bool = typer.Option(False, "--save-attention",
                                         help="Also write <case>_attention: the attention gates' coefficients "
                                              "(one volume per gate, full resolution first)."),
+    save_uncertainty: bool = typer.Option(False, "--save-uncertainty",
+                                          help="Also write <case>_uncertainty: normalised predictive entropy over "
+                                               "all models (0 certain .. 1 uniform)."),
+    no_postprocessing: bool = typer.Option(False, "--no-postprocessing", help="Ignore model.json's postprocessing."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: str = typer.Option(None, "--device"),
 ) -> None:
-    """Segment new images; outputs have the input's exact geometry."""
+    """Segment new images; outputs have the input's exact geometry. Writes predict_summary.json/.csv
+    with each case's QC score (flagged when above model.json's threshold)."""
     from medseg.inference.predictor import predict_folder
 
     fold_list = None
     if folds:
-        fold_list = [f if f == "all" else int(f) for f in _configs(folds)]
+        fold_list = [f if not f.isdigit() else int(f) for f in _configs(folds)]
     written = predict_folder(input, output, model, config_name=config, folds=fold_list, step=step, tta=not no_tta,
                              save_probabilities=save_probabilities, save_attention=save_attention,
+                             save_uncertainty=save_uncertainty, postprocess=not no_postprocessing,
                              overwrite=overwrite, device=_device(device),
                              progress=True)
     console.print(f"[green]{len(written)} segmentation(s) written to[/] {output}")
+
+
+@app.command("find-best")
+def find_best(
+    workdir: Path = typer.Argument(..., help="Work directory with cross-validated configurations (train -f all)."),
+    configs: str = typer.Option(None, "--configs", help="Comma-separated configurations to consider "
+                                                         "(default: every one with all folds trained)."),
+    workers: int = typer.Option(None, "--workers"),
+) -> None:
+    """Choose the model on out-of-fold predictions: every configuration and pairwise ensemble, then
+    postprocessing and the QC threshold. Writes model.json and find_best/ (table, plot)."""
+    from medseg.evaluation.selection import find_best as run
+    from medseg.workflow import default_workers
+
+    chosen, report = run(workdir, configs=_configs(configs), num_workers=workers or default_workers(), progress=True)
+    print(report)
+    console.print(f"[green]model.json written[/]: {workdir / 'model.json'}")
 
 
 @app.command()

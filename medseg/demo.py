@@ -17,7 +17,7 @@ DEMO_DATASET = Path(__file__).parent / "demo_data" / "hippocampus"
 
 
 def run_demo(output: Path, *, minutes: float = 3.0, device: str = "cpu", progress: bool = True) -> Path:
-    """plan → train fold 'all' for ``minutes`` → predict the 4 held-out cases → evaluate.
+    """plan → train fold 'full' (every case) for ``minutes`` → predict the 4 held-out cases → evaluate.
     Re-running continues where it stopped (plans, preprocessed data and checkpoints are reused)."""
     output = Path(output)
     workdir = output / "model"
@@ -25,14 +25,14 @@ def run_demo(output: Path, *, minutes: float = 3.0, device: str = "cpu", progres
     workflow.plan(DEMO_DATASET, workdir, device=device, configs=["3d_fullres"], time_budget_min=minutes,
                   progress=progress)
     log.info(workflow.info(workdir))
-    run = workdir / "runs" / "3d_fullres" / "fold_all"
+    run = workdir / "runs" / "3d_fullres" / "fold_full"
     if not (run / "checkpoint_final.pt").exists():
         log.info("[2/4] train 3d_fullres on all 20 cases for %.1f min", minutes)
-        train_fold(workdir, "3d_fullres", "all", time_budget_min=minutes, device=device,
+        train_fold(workdir, "3d_fullres", "full", time_budget_min=minutes, device=device,
                    resume=(run / "checkpoint_latest.pt").exists(), progress=progress)
     log.info("[3/4] predict the 4 held-out cases")
     pred = output / "predictions"
-    predict_folder(DEMO_DATASET / "imagesTs", pred, workdir, config_name="3d_fullres", folds=["all"],
+    predict_folder(DEMO_DATASET / "imagesTs", pred, workdir, config_name="3d_fullres", folds=["full"],
                    device=device, progress=progress)
     log.info("[4/4] evaluate against labelsTs")
     report = output / "report"

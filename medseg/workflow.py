@@ -11,7 +11,7 @@ from medseg.errors import DatasetError
 from medseg.fingerprint import Fingerprint, compute_fingerprint
 from medseg.io.check import check_dataset
 from medseg.io.dataset import load_dataset
-from medseg.plans.planner import plan_dataset, resolve_variants
+from medseg.plans.planner import DEFAULT_CONFIGS, plan_dataset, resolve_variants
 from medseg.plans.schema import Plans
 from medseg.preprocessing.pipeline import preprocess_dataset
 from medseg.utils import atomic_write_json
@@ -54,7 +54,7 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
         plans = Plans.load(plans_path)
         log.info("%s exists; keeping it (delete it to re-plan)", plans_path)
     else:
-        plans = plan_dataset(fp, device=device, memory_gb=memory_gb, configs=configs or ["2d", "3d_fullres"],
+        plans = plan_dataset(fp, device=device, memory_gb=memory_gb, configs=configs or list(DEFAULT_CONFIGS),
                              time_budget_min=time_budget_min, throughput=throughput, variants=variants or ["plain"])
         plans.save(plans_path)
     if preprocess:

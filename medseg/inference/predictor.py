@@ -1,24 +1,33 @@
 """Prediction of new images: load → preprocess → sliding window (+ mirroring) → mean over folds →
-export in the input's exact geometry."""
+export in the input's exact geometry → mean over configurations → postprocessing.
+
+A :class:`Stage` is one configuration with its fold models; a cascade stage holds its previous
+stage and runs it first. Without ``-c``, ``predict_folder`` follows ``model.json`` (written by
+``medseg find-best``): its configurations, folds, postprocessing and QC threshold.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from medseg.errors import CheckpointError, MedsegError
+from medseg.inference.postprocessing import apply_postprocessing
 from medseg.inference.sliding_window import predict_volume
+from medseg.inference.uncertainty import entropy_map
 from medseg.io.dataset import Case, read_case_image
 from medseg.io.image import image_suffix, write_image
 from medseg.networks.unet import build_network
-from medseg.plans.schema import Configuration, Plans
-from medseg.preprocessing.pipeline import export_probabilities, export_probability_maps, preprocess_image
+from medseg.plans.schema import ChosenModel, Configuration, Plans
+from medseg.preprocessing.pipeline import export_probability_maps, preprocess_image, prior_channels
 from medseg.training.checkpoint import load_checkpoint
+from medseg.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -83,7 +92,7 @@ def load_models(workdir: Path, plans: Plans, config: Configuration, folds: list[
         if not path.exists() and checkpoint == "final":
             raise CheckpointError(f"{path}: no final checkpoint; finish training fold {fold} of {config.key} first")
         state = load_checkpoint(path, map_location=device)
-        net = build_network(config.architecture, len(plans.channel_names), plans.num_classes)
+        net = build_network(config.architecture, plans.input_channels(config), plans.num_classes)
         net.load_state_dict(state["model"])
         models.append(net.to(device).eval())
     return models
@@ -99,63 +108,180 @@ def available_folds(workdir: Path, config: str) -> list[int | str]:
     return folds
 
 
-def predict_case(models: list[torch.nn.Module], image: np.ndarray, geometry, config: Configuration, *,
-                 step: float = 0.5, tta: bool = True, device: str = "cpu",
-                 attention: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Raw image (C, X, Y, Z) → (label map (X, Y, Z) in the input grid, preprocessed-grid probabilities, props).
-    With ``attention``, ``props["attention"]`` holds the attention coefficients in the input grid
-    ((gates, X, Y, Z), full resolution first, mean over models and mirrorings)."""
+def default_folds(workdir: Path, config: str) -> list[int | str]:
+    """The cross-validation folds when any is finished, else the model trained on all cases (``full``)."""
+    folds = available_folds(workdir, config)
+    numbered = [f for f in folds if isinstance(f, int)]
+    return numbered or folds
+
+
+@dataclass
+class Stage:
+    """One configuration's fold models; ``previous`` is the stage a cascade runs first."""
+
+    config: Configuration
+    models: list[torch.nn.Module]
+    num_classes: int
+    previous: Stage | None = None
+
+
+def load_stage(workdir: Path, plans: Plans, key: str, folds: list[int | str] | None, device: str) -> Stage:
+    config = plans.config(key)
+    folds = folds if folds is not None else default_folds(workdir, config.key)
+    if not folds:
+        raise CheckpointError(f"{workdir}: configuration {config.key} has no finished fold")
+    previous = None
+    if config.previous_stage:
+        prev = plans.config(config.previous_stage)
+        if not default_folds(workdir, prev.key):
+            raise CheckpointError(f"{workdir}: {config.key} needs its previous stage {prev.key}, which has no "
+                                  "finished fold")
+        previous = load_stage(workdir, plans, prev.key, None, device)
+    return Stage(config, load_models(workdir, plans, config, folds, device), plans.num_classes, previous)
+
+
+@dataclass
+class CasePrediction:
+    """Softmax probabilities (K, X, Y, Z) in the input's grid (mean over models and mirrorings), each
+    model's QC score and, on request, attention coefficients (gates, X, Y, Z)."""
+
+    probabilities: np.ndarray
+    qc_scores: list[float] = field(default_factory=list)
+    attention: np.ndarray | None = None
+
+    @property
+    def segmentation(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=0).astype(np.uint8)
+
+
+def predict_case(stage: Stage, image: np.ndarray, geometry, *, step: float = 0.5, tta: bool = True,
+                 device: str = "cpu", attention: bool = False, prior: np.ndarray | None = None) -> CasePrediction:
+    """Raw image (C, X, Y, Z) → :class:`CasePrediction` in the input grid. A cascade stage runs its
+    previous stage first unless ``prior`` (that stage's label map in the input grid) is given."""
+    config = stage.config
     data, props = preprocess_image(image, geometry, config)
+    if config.previous_stage:
+        if prior is None:
+            prior = predict_case(stage.previous, image, geometry, step=step, tta=tta, device=device).segmentation
+        data = np.concatenate([data, prior_channels(prior, props, config, stage.num_classes)])
     mirror = config.training.mirror_axes if tta else []
-    probs = predict_volume(models, data, config.patch_size, step=step, mirror_axes=mirror, device=device)
+    scores: list[float] = []
+    probs = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
+                           qc_scores=scores)
+    out = CasePrediction(export_probability_maps(probs, props, config), scores)
     if attention:
-        maps = predict_volume(models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
+        maps = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
                               attention=True)
-        props["attention"] = export_probability_maps(maps, props, config, background_first=False)
-    return export_probabilities(probs, props, config), probs, props
+        out.attention = export_probability_maps(maps, props, config, background_first=False)
+    return out
 
 
-def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: str | None = None,
-                   folds: list[int | str] | None = None, step: float = 0.5, tta: bool = True,
-                   save_probabilities: bool = False, save_attention: bool = False, overwrite: bool = False,
-                   device: str = "cpu", progress: bool = False) -> list[Path]:
-    """Predict every image in ``inputs`` (file or folder) into ``output`` with the trained model in
-    ``workdir``. Cases whose output exists are skipped unless ``overwrite``. ``save_attention`` writes
-    each case's attention coefficients as ``<case>_attention`` (one volume per gate) beside it."""
-    from medseg.progress import track
+def ensemble(predictions: list[CasePrediction]) -> CasePrediction:
+    """Mean of the members' probabilities; the QC scores of all their models."""
+    if len(predictions) == 1:
+        return predictions[0]
+    probs = np.mean([p.probabilities for p in predictions], axis=0)
+    return CasePrediction(probs, [s for p in predictions for s in p.qc_scores])
 
-    plans = Plans.load(Path(workdir) / "plans.json")
+
+def _chosen_model(workdir: Path, plans: Plans, config_name: str | None,
+                  folds: list[int | str] | None) -> tuple[list[str], dict, ChosenModel | None]:
+    """Which configurations and folds to run: ``config_name`` when given, else ``model.json``, else
+    the single trained configuration (3d_fullres first)."""
+    model_json = Path(workdir) / "model.json"
+    if config_name is None and model_json.exists():
+        chosen = ChosenModel.load(model_json)
+        if folds is not None:
+            return chosen.members, {m: folds for m in chosen.members}, chosen
+        return chosen.members, dict(chosen.folds), chosen
     if config_name is None:
         trained = [c for c in plans.configurations if available_folds(workdir, c)]
         if not trained:
             raise CheckpointError(f"{workdir}: no trained configuration (no runs/*/fold_*/checkpoint_final.pt)")
         config_name = "3d_fullres" if "3d_fullres" in trained else trained[0]
-    config = plans.config(config_name)
-    folds = folds if folds is not None else available_folds(workdir, config.key)
-    if not folds:
-        raise CheckpointError(f"{workdir}: configuration {config.key} has no finished fold")
-    if save_attention and not config.architecture.blocks.attention_gates:
-        gated = [k for k, c in plans.configurations.items() if c.architecture.blocks.attention_gates]
-        raise MedsegError(f"{workdir}: configuration {config.key} has no attention gates to save"
-                          + (f"; choose one that has: {', '.join(gated)}" if gated else ""))
+    key = plans.config(config_name).key
+    return [key], {key: folds}, None
+
+
+def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: str | None = None,
+                   folds: list[int | str] | None = None, step: float = 0.5, tta: bool = True,
+                   save_probabilities: bool = False, save_attention: bool = False, save_uncertainty: bool = False,
+                   postprocess: bool = True, overwrite: bool = False, device: str = "cpu",
+                   progress: bool = False) -> list[Path]:
+    """Predict every image in ``inputs`` (file or folder) into ``output`` with the trained model in
+    ``workdir``. Cases whose output exists are skipped unless ``overwrite``. ``save_attention`` writes
+    each case's attention coefficients as ``<case>_attention`` (one volume per gate) beside it;
+    ``save_uncertainty`` the normalised predictive entropy as ``<case>_uncertainty``. Every run
+    writes ``predict_summary.json``/``.csv``: each case's QC score and whether it is flagged."""
+    from medseg.progress import track
+
+    workdir = Path(workdir)
+    plans = Plans.load(workdir / "plans.json")
+    members, member_folds, chosen = _chosen_model(workdir, plans, config_name, folds)
+    if save_attention:
+        ungated = [m for m in members if not plans.config(m).architecture.blocks.attention_gates]
+        if ungated:
+            gated = [k for k, c in plans.configurations.items() if c.architecture.blocks.attention_gates]
+            raise MedsegError(f"{workdir}: configuration {ungated[0]} has no attention gates to save"
+                              + (f"; choose one that has: {', '.join(gated)}" if gated else ""))
     cases = find_inputs(inputs, len(plans.channel_names))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    models = load_models(workdir, plans, config, folds, device)
+    stages = [load_stage(workdir, plans, m, member_folds[m], device) for m in members]
+    pp = chosen.postprocessing.model_dump() if chosen and postprocess else None
+    threshold = chosen.qc.threshold if chosen and chosen.qc else None
     written = []
     todo = [c for c in cases if overwrite or not (output / f"{c.case_id}{c.suffix}").exists()]
     if len(todo) < len(cases):
         log.info("skipping %d case(s) already predicted (use --overwrite to redo)", len(cases) - len(todo))
+    rows = []
     for case in track(todo, total=len(todo), description="predict", enabled=progress):
         image, geometry = read_input(case, len(plans.channel_names))
-        seg, probs, props = predict_case(models, image, geometry, config, step=step, tta=tta, device=device,
-                                         attention=save_attention)
+        preds = [predict_case(s, image, geometry, step=step, tta=tta, device=device, attention=save_attention)
+                 for s in stages]
+        pred = ensemble(preds)
+        seg = apply_postprocessing(pred.segmentation, pp)
         out_path = output / f"{case.case_id}{case.suffix}"
         if save_probabilities:
-            maps = export_probability_maps(probs, props, config)
-            write_image(output / f"{case.case_id}_probabilities{case.suffix}", maps, geometry, np.float32)
+            write_image(output / f"{case.case_id}_probabilities{case.suffix}", pred.probabilities, geometry, np.float32)
+        if save_uncertainty:
+            write_image(output / f"{case.case_id}_uncertainty{case.suffix}", entropy_map(pred.probabilities),
+                        geometry, np.float32)
         if save_attention:
-            write_image(output / f"{case.case_id}_attention{case.suffix}", props["attention"], geometry, np.float32)
+            write_image(output / f"{case.case_id}_attention{case.suffix}", np.mean([p.attention for p in preds], 0),
+                        geometry, np.float32)
         write_image(out_path, seg, geometry, np.uint8)
+        score = float(np.mean(pred.qc_scores))
+        rows.append({"case": case.case_id, "qc_score": score,
+                     "flagged": bool(threshold is not None and score > threshold),
+                     "foreground_voxels": int((seg > 0).sum())})
         written.append(out_path)
+    if rows:
+        _write_summary(output, rows, members, threshold)
     return written
+
+
+def _write_summary(output: Path, rows: list[dict], members: list[str], threshold: float | None) -> None:
+    """Merge this run's cases into ``predict_summary.json`` / ``.csv`` (earlier runs' cases are kept)."""
+    import pandas as pd
+
+    from medseg.utils import atomic_path
+
+    path = output / "predict_summary.json"
+    old = {}
+    if path.exists():
+        try:
+            old = {r["case"]: r for r in json.loads(path.read_text()).get("cases", [])}
+        except (ValueError, KeyError):
+            old = {}
+    old.update({r["case"]: r for r in rows})
+    merged = [old[k] for k in sorted(old)]
+    flagged = [r["case"] for r in merged if r["flagged"]]
+    atomic_write_json(path, {"configurations": members, "qc_threshold": threshold,
+                             "qc_score": "mean normalised predictive entropy inside the predicted foreground",
+                             "flagged": flagged, "cases": merged})
+    with atomic_path(output / "predict_summary.csv") as tmp:
+        pd.DataFrame(merged).to_csv(tmp, index=False)
+    if flagged:
+        log.warning("QC: %d case(s) flagged as likely failures (score > %.4f): %s", len(flagged), threshold,
+                    ", ".join(flagged))

@@ -63,9 +63,11 @@ def attention_predictor(model: torch.nn.Module) -> Predictor:
 
 
 def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: Sequence[int], *, step: float = 0.5,
-                   mirror_axes: Sequence[int] = (), device: str = "cpu", attention: bool = False) -> np.ndarray:
+                   mirror_axes: Sequence[int] = (), device: str = "cpu", attention: bool = False,
+                   qc_scores: list[float] | None = None) -> np.ndarray:
     """Preprocessed (C, *S) 3D volume → probabilities (K, *S), mean over ``models``; with
-    ``attention``, the models' attention coefficients (gates, *S) instead.
+    ``attention``, the models' attention coefficients (gates, *S) instead. When ``qc_scores`` is a
+    list, each model's :func:`~medseg.inference.uncertainty.qc_score` is appended to it.
 
     A 2D patch predicts slice by slice along axis 0 (the out-of-plane axis)."""
     x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
@@ -81,6 +83,10 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
                                        sw_batch=8 if two_d else 2, transform=lambda t: t)
             else:
                 p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2)
+        if qc_scores is not None:
+            from medseg.inference.uncertainty import qc_score
+
+            qc_scores.append(qc_score((p.permute(1, 0, 2, 3) if two_d else p[0]).float().cpu().numpy()))
         total = p if total is None else total + p
     probs = total / len(models)
     probs = probs.permute(1, 0, 2, 3) if two_d else probs[0]

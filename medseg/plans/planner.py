@@ -120,15 +120,36 @@ def _architecture(spacing: Sequence[float], patch: Sequence[int], base: int,
     return arch, patch
 
 
+def _initial_patch(spacing: Sequence[float], median_shape: Sequence[float]) -> list[int]:
+    dim = len(spacing)
+    inv = 1.0 / np.asarray(spacing)
+    patch = np.round(inv * (INITIAL_PATCH_VOXELS[dim] / np.prod(inv)) ** (1 / dim)).astype(int)
+    return [int(p) for p in np.minimum(patch, np.ceil(median_shape))]
+
+
+def _fit_patch(name: str, spacing: Sequence[float], median_shape: Sequence[float], blocks: Blocks, n_in: int,
+               n_cls: int, memory_gb: float, dataset: str) -> tuple[Architecture, list[int]]:
+    """Shrink the largest-relative-to-the-median axis until batch 2 fits the memory budget."""
+    budget = memory_gb * 1e9
+    arch, p = _architecture(spacing, _initial_patch(spacing, median_shape), BASE_FEATURES, blocks)
+    while estimate_costs(arch, p, MIN_BATCH, n_in, n_cls).training_bytes > budget:
+        ratios = np.asarray(p) / np.asarray(median_shape)
+        axis = int(np.argmax(ratios))
+        step = topology.divisibility(arch.strides)[axis]
+        if p[axis] - step < 2 * topology.MIN_FEATURE_MAP:
+            raise PlanError(f"{dataset}: no {name} patch fits in {memory_gb:.1f} GB; raise --memory-gb")
+        p[axis] -= step
+        arch, p = _architecture(spacing, p, BASE_FEATURES, blocks)
+    return arch, p
+
+
 def _plan_configuration(name: str, spacing: list[float], median_shape: list[float], transpose: list[int],
                         fp: Fingerprint, *, device: str, memory_gb: float, time_budget_min: float,
                         throughput: float | None, dataset_voxels: float, variant: str = "plain") -> Configuration:
     dim = len(spacing)
     blocks = VARIANTS[variant]
     n_in, n_cls = len(fp.channel_names), max(fp.labels) + 1
-    inv = 1.0 / np.asarray(spacing)
-    patch = np.round(inv * (INITIAL_PATCH_VOXELS[dim] / np.prod(inv)) ** (1 / dim)).astype(int)
-    patch = [int(p) for p in np.minimum(patch, np.ceil(median_shape))]
+    patch = _initial_patch(spacing, median_shape)
     budget = memory_gb * 1e9
 
     def fits(arch: Architecture, p: Sequence[int], batch: int) -> tuple[bool, float]:
@@ -136,17 +157,7 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
         return total <= budget, total
 
     def fit_patch(with_blocks: Blocks) -> tuple[Architecture, list[int]]:
-        """Shrink the largest-relative-to-the-median axis until batch 2 fits the memory budget."""
-        arch, p = _architecture(spacing, patch, BASE_FEATURES, with_blocks)
-        while not fits(arch, p, MIN_BATCH)[0]:
-            ratios = np.asarray(p) / np.asarray(median_shape)
-            axis = int(np.argmax(ratios))
-            step = topology.divisibility(arch.strides)[axis]
-            if p[axis] - step < 2 * topology.MIN_FEATURE_MAP:
-                raise PlanError(f"{fp.dataset_name}: no {name} patch fits in {memory_gb:.1f} GB; raise --memory-gb")
-            p[axis] -= step
-            arch, p = _architecture(spacing, p, BASE_FEATURES, with_blocks)
-        return arch, p
+        return _fit_patch(name, spacing, median_shape, with_blocks, n_in, n_cls, memory_gb, fp.dataset_name)
 
     arch, patch = fit_patch(blocks)
     trade = None
@@ -233,15 +244,43 @@ def _normalization(fp: Fingerprint) -> list[Normalization]:
     return out
 
 
+LOWRES_MIN_COVERAGE = 0.25  # a 3d_lowres stage is added when the full-resolution patch covers less of the median image
+LOWRES_SPACING_STEP = 1.1  # the low-resolution spacing grows by this factor per step
+LOWRES_MIN_REDUCTION = 2.0  # ... and is dropped unless the median image has at least this many times fewer voxels
+DEFAULT_CONFIGS = ("2d", "3d_fullres", "3d_lowres")  # 3d_lowres (and the cascade) only where needed
+ALL_CONFIGS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
+def lowres_spacing(spacing: Sequence[float], median_shape: Sequence[float], fits_coverage) -> list[float] | None:
+    """Coarsen ``spacing`` step by step (the finest axes first, until they reach the coarsest, then
+    all together) until ``fits_coverage(spacing, median_shape_there)`` holds. None when the result is
+    not clearly smaller than full resolution (fewer than :data:`LOWRES_MIN_REDUCTION` times the voxels)."""
+    full = np.asarray(spacing, dtype=float)
+    s = full.copy()
+    median = np.asarray(median_shape, dtype=float)
+    for _ in range(200):
+        fine = s < s.max() - 1e-9
+        s = np.where(fine, np.minimum(s * LOWRES_SPACING_STEP, s.max()), s) if fine.any() else s * LOWRES_SPACING_STEP
+        shape = median * full / s
+        if fits_coverage(list(s), list(shape)):
+            break
+    if np.prod(median) / np.prod(median * full / s) < LOWRES_MIN_REDUCTION:
+        return None
+    return [float(round(v, 6)) for v in s]
+
+
 def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None = None,
-                 configs: Sequence[str] = ("2d", "3d_fullres"), time_budget_min: float | None = None,
+                 configs: Sequence[str] = DEFAULT_CONFIGS, time_budget_min: float | None = None,
                  throughput: float | None = None, seed: int = 0, variants: Sequence[str] = ("plain",)) -> Plans:
     """Derive the plans for ``configs`` × ``variants`` from a fingerprint. A variant that cannot be
-    built is refused here with a one-line reason."""
+    built is refused here with a one-line reason.
+
+    ``3d_lowres`` (or ``3d_cascade_fullres``) adds the low-resolution stage and the cascade only when
+    the full-resolution patch covers less than :data:`LOWRES_MIN_COVERAGE` of the median image."""
     variants = resolve_variants(variants)
-    unknown = [c for c in configs if c not in ("2d", "3d_fullres")]
+    unknown = [c for c in configs if c not in ALL_CONFIGS]
     if unknown:
-        raise PlanError(f"configuration(s) {unknown} cannot be planned yet; available: 2d, 3d_fullres")
+        raise PlanError(f"unknown configuration(s) {unknown}; available: {', '.join(ALL_CONFIGS)}")
     dev = "cuda" if device.startswith("cuda") else "cpu"
     memory_gb = memory_gb or default_memory_gb(device)
     time_budget_min = time_budget_min or DEFAULT_CPU_TIME_BUDGET_MIN
@@ -255,7 +294,11 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
     common = dict(device=dev, memory_gb=memory_gb, time_budget_min=time_budget_min, throughput=throughput,
                   dataset_voxels=float(np.prod(median_shape, dtype=np.float64)) * len(fp.cases))
     out = {}
-    for name in configs:
+    cascade = any(c in configs for c in ("3d_lowres", "3d_cascade_fullres"))
+    n_in, n_cls = len(fp.channel_names), max(fp.labels) + 1
+    for name in [c for c in ALL_CONFIGS if c in configs or (c == "3d_fullres" and cascade)]:
+        if name in ("3d_lowres", "3d_cascade_fullres"):
+            continue
         for variant in variants:
             if name == "3d_fullres":
                 c = _plan_configuration(name, spacing_t, list(median_shape), tf, fp, variant=variant, **common)
@@ -263,5 +306,29 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
                 c = _plan_configuration(name, spacing_t[1:], list(median_shape[1:]), tf, fp, variant=variant, **common)
                 c.spacing = [spacing_t[0], *c.spacing]  # 2d keeps the out-of-plane spacing as is
             out[c.key] = c
+            if name != "3d_fullres" or not cascade:
+                continue
+            coverage = float(np.prod(c.patch_size) / np.prod(median_shape))
+            if coverage >= LOWRES_MIN_COVERAGE:
+                log.info("3d_lowres not needed: the 3d_fullres patch covers %.0f%% of the median image", 100 * coverage)
+                continue
+
+            def covers(s: list[float], shape: list[float], v: str = variant) -> bool:
+                _, p = _fit_patch("3d_lowres", s, shape, VARIANTS[v], n_in, n_cls, memory_gb, fp.dataset_name)
+                return np.prod(p) / np.prod(shape) >= LOWRES_MIN_COVERAGE
+
+            low_spacing = lowres_spacing(spacing_t, list(median_shape), covers)
+            if low_spacing is None:
+                log.info("3d_lowres dropped: its median image would not be clearly smaller than 3d_fullres's")
+                continue
+            low_median = list(np.asarray(median_shape) * np.asarray(spacing_t) / np.asarray(low_spacing))
+            low = _plan_configuration("3d_lowres", low_spacing, low_median, tf, fp, variant=variant, **common)
+            low.memory.decision += (f"; low-resolution stage: the 3d_fullres patch covers {coverage:.0%} of the median "
+                                    f"image, so spacing was coarsened to {low_spacing}")
+            casc = c.model_copy(deep=True, update={"name": "3d_cascade_fullres", "inherits_from": c.key,
+                                                   "previous_stage": low.key})
+            casc.memory.decision = (f"3d_fullres's plan, with the one-hot {low.key} segmentation as {n_cls - 1} extra "
+                                    f"input channel(s); " + c.memory.decision)
+            out[low.key], out[casc.key] = low, casc
     return Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, device=dev,
                  seed=seed, configurations=out, medseg_version=__version__)

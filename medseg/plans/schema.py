@@ -139,6 +139,12 @@ class Configuration(_Model):
         return self.name if self.variant == "plain" else f"{self.name}_{self.variant}"
 
     @property
+    def data_config(self) -> str:
+        """The configuration whose preprocessed data this one trains on (the cascade's full-resolution
+        stage shares ``3d_fullres``'s)."""
+        return "3d_fullres" if self.name == "3d_cascade_fullres" else self.name
+
+    @property
     def transpose_backward(self) -> list[int]:
         return [self.transpose_forward.index(i) for i in range(len(self.transpose_forward))]
 
@@ -162,6 +168,10 @@ class Plans(_Model):
     def num_classes(self) -> int:
         return max(self.labels) + 1
 
+    def input_channels(self, config: Configuration) -> int:
+        """Image channels, plus one per foreground class (the one-hot previous-stage segmentation) for a cascade."""
+        return len(self.channel_names) + (self.num_classes - 1 if config.previous_stage else 0)
+
     def save(self, path: Path) -> None:
         atomic_write_text(path, self.model_dump_json(indent=2))
 
@@ -183,3 +193,58 @@ class Plans(_Model):
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             raise PlanError(f"{path}: {loc}: {err['msg']}") from exc
+
+
+MODEL_SCHEMA_VERSION = 1
+
+
+class Postprocessing(_Model):
+    """Keep the largest connected component of all foreground (``foreground``) and/or of each class in ``classes``."""
+
+    foreground: bool = False
+    classes: list[int] = Field(default_factory=list)
+
+
+class QualityControl(_Model):
+    """Per-case QC: the mean normalised entropy inside the predicted foreground (mean over models);
+    cases scoring above ``threshold`` are flagged. ``threshold`` is the ``quantile`` of the
+    out-of-fold scores of the chosen model."""
+
+    threshold: float
+    quantile: float
+    spearman_vs_dice: float
+    worst_flagged: str
+
+
+class ChosenModel(_Model):
+    """``model.json``, written by ``medseg find-best`` and read by ``medseg predict -m WORKDIR``:
+    which configurations (softmax-averaged) and folds to use, and the postprocessing."""
+
+    schema_version: int = MODEL_SCHEMA_VERSION
+    members: list[str]
+    folds: dict[str, list[int | str]]
+    postprocessing: Postprocessing = Field(default_factory=Postprocessing)
+    qc: QualityControl | None = None
+    cv_dice: float
+    cv_dice_per_class: dict[str, float]
+    cv_hd95: float | None = None
+    cv_cases: int
+    decided: str
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> ChosenModel:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("schema_version") != MODEL_SCHEMA_VERSION:
+                raise PlanError(f"{path}: schema_version {raw.get('schema_version')} is not supported "
+                                f"(this medseg reads {MODEL_SCHEMA_VERSION})")
+            return cls.model_validate(raw)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise PlanError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc

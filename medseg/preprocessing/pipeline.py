@@ -55,6 +55,17 @@ def preprocess_label(label: np.ndarray, props: dict, config: Configuration, labe
     return resample_labels(seg, props["shape_preprocessed"], labels, aniso)
 
 
+def one_hot(seg: np.ndarray, num_classes: int) -> np.ndarray:
+    """(*S) label map → (K-1, *S) float32 one-hot of the foreground classes (the cascade's extra input)."""
+    return np.stack([(seg == k) for k in range(1, num_classes)]).astype(np.float32)
+
+
+def prior_channels(prior: np.ndarray, props: dict, config: Configuration, num_classes: int) -> np.ndarray:
+    """A previous stage's label map in the input grid (X, Y, Z) → one-hot (K-1, *spatial_t) in this
+    configuration's preprocessed grid (the input a cascade stage gets beside the image)."""
+    return one_hot(preprocess_label(prior, props, config, list(range(num_classes))), num_classes)
+
+
 def export_probabilities(probs: np.ndarray, props: dict, config: Configuration) -> np.ndarray:
     """Invert preprocessing for softmax probabilities (K, *spatial_t) → label map (X, Y, Z) in the
     original voxel grid (background outside the crop)."""
@@ -126,7 +137,7 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
     by_data: dict[str, Configuration] = {}
     for key in configs or list(plans.configurations):  # variants of one configuration share its data
         config = plans.config(key)
-        by_data.setdefault(config.name, config)
+        by_data.setdefault(config.data_config, config)  # the cascade preprocesses exactly as 3d_fullres
     for name, config in by_data.items():
         out_dir = preprocessed_dir(workdir, name)
         out_dir.mkdir(parents=True, exist_ok=True)

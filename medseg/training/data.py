@@ -170,6 +170,10 @@ class BatchSource:
         seed: the run's seed; batches are a pure function of ``(seed, epoch, index)``.
         mirror_axes: spatial axes of the patch to mirror (None: all; ``()``: no mirroring).
         params: augmentation ranges and probabilities (None: nnU-Net's defaults).
+        prior_folder: for a cascade stage, a folder of ``<case>.npy`` int8 (1, *S) previous-stage label
+            maps in the same grid; they are cropped and spatially transformed with the labels, then
+            appended to the image as ``num_classes - 1`` one-hot channels (augmented with
+            :func:`medseg.training.cascade.augment_prior` when ``augment``).
     """
 
     def __init__(
@@ -184,6 +188,8 @@ class BatchSource:
         seed: int = 0,
         mirror_axes: Sequence[int] | None = None,
         params: AugmentationParams | None = None,
+        prior_folder: Path | None = None,
+        num_classes: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
@@ -193,6 +199,10 @@ class BatchSource:
         self.augment = bool(augment)
         self.seed = int(seed)
         self.params = params if params is not None else AugmentationParams()
+        self.prior_folder = Path(prior_folder) if prior_folder is not None else None
+        if self.prior_folder is not None and not num_classes:
+            raise MedsegError("a prior folder needs num_classes (the one-hot prior's channels + 1)")
+        self.num_classes = num_classes
         ndim = len(self.patch_size)
         self.mirror_axes = tuple(range(ndim)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
         self._validate()
@@ -247,7 +257,7 @@ class BatchSource:
         seeded here from the same ``SeedSequence`` and restored to their previous states on return,
         so the caller's global streams are untouched.
         """
-        sample_seq, augment_seq = np.random.SeedSequence([self.seed, int(epoch), int(index)]).spawn(2)
+        sample_seq, augment_seq, prior_seq = np.random.SeedSequence([self.seed, int(epoch), int(index)]).spawn(3)
         rng = np.random.default_rng(sample_seq)
         data, seg, case_ids, locations = self._sample(rng)
         if self._transform is not None:
@@ -261,6 +271,15 @@ class BatchSource:
                 np.random.set_state(saved[0])
                 random.setstate(saved[1])
             data, seg = out["data"], out["seg"]
+        if self.prior_folder is not None:  # the previous stage's labels travelled as a second label channel
+            from medseg.preprocessing.pipeline import one_hot
+            from medseg.training.cascade import augment_prior
+
+            prior = np.rint(seg[:, 1]).astype(np.int8)
+            onehot = np.stack([one_hot(p, self.num_classes) for p in prior])
+            if self.augment:
+                onehot = augment_prior(onehot, np.random.default_rng(prior_seq))
+            data, seg = np.concatenate([data, onehot], axis=1), seg[:, :1]
         target = np.rint(seg).astype(np.int8)
         target[target < 0] = 0
         return {
@@ -283,7 +302,7 @@ class BatchSource:
             case = self._open(case_id)
             if data is None:
                 data = np.zeros((self.batch_size, case.image.shape[0], *size), dtype=np.float32)
-                seg = np.full((self.batch_size, 1, *size), -1, dtype=np.int8)
+                seg = np.full((self.batch_size, 1 if case.prior is None else 2, *size), -1, dtype=np.int8)
             elif case.image.shape[0] != data.shape[1]:
                 raise DatasetError(
                     f"{self.folder / (case_id + '.npy')}: {case.image.shape[0]} channels, "
@@ -293,12 +312,15 @@ class BatchSource:
             if len(size) == 2:
                 z = int(voxel[0]) if voxel is not None else int(rng.integers(case.image.shape[1]))
                 image, labels = case.image[:, z], case.seg[:, z]
+                prior = case.prior[:, z] if case.prior is not None else None
                 voxel = voxel[1:] if voxel is not None else None
             else:
-                z, image, labels = None, case.image, case.seg
+                z, image, labels, prior = None, case.image, case.seg, case.prior
             lbs = self._bbox(image.shape[1:], voxel, rng)
             _crop_into(image, lbs, data[b])
-            _crop_into(labels, lbs, seg[b])
+            _crop_into(labels, lbs, seg[b, :1])
+            if prior is not None:
+                _crop_into(prior, lbs, seg[b, 1:])
             corner = [lb + o for lb, o in zip(lbs, offset, strict=True)]
             locations[b] = corner if z is None else [z, *corner]
             case_ids.append(case_id)
@@ -335,7 +357,7 @@ class BatchSource:
     def _open(self, case_id: str) -> _Case:
         case = self._cache.get(case_id)
         if case is None:
-            case = _Case.open(self.folder, case_id)
+            case = _Case.open(self.folder, case_id, self.prior_folder)
             self._cache[case_id] = case
             while len(self._cache) > _CACHE_CASES:
                 self._cache.popitem(last=False)
@@ -391,10 +413,11 @@ class _Case:
     case_id: str
     image: np.ndarray  # (C, D0, D1, D2) memmap
     seg: np.ndarray  # (1, D0, D1, D2) memmap
+    prior: np.ndarray | None = None  # (1, D0, D1, D2) memmap: a cascade's previous-stage labels
     _locations: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def open(cls, folder: Path, case_id: str) -> _Case:
+    def open(cls, folder: Path, case_id: str, prior_folder: Path | None = None) -> _Case:
         paths = folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy"
         arrays = []
         for path in paths:
@@ -408,7 +431,16 @@ class _Case:
                 f"{paths[1]}: shape {seg.shape} does not fit image {paths[0].name} of shape {image.shape} "
                 "(expected image (C, D0, D1, D2) and labels (1, D0, D1, D2))"
             )
-        return cls(case_id, image, seg)
+        prior = None
+        if prior_folder is not None:
+            path = prior_folder / f"{case_id}.npy"
+            try:
+                prior = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"{path}: cannot read the previous stage's prior ({e})") from e
+            if prior.shape != seg.shape:
+                raise DatasetError(f"{path}: shape {prior.shape} does not fit the labels' {seg.shape}")
+        return cls(case_id, image, seg, prior)
 
     def class_locations(self, folder: Path) -> dict[str, np.ndarray]:
         if self._locations is None:

@@ -63,12 +63,16 @@ def _progress(epoch: int, elapsed_s: float, budget: Budget) -> float:
     return p
 
 
-def _fold_case_ids(workdir: Path, plans: Plans, config: Configuration, fold: int | str) -> tuple[list[str], list[str]]:
-    folder = preprocessed_dir(workdir, config.name)
+FULL = "full"  # the fold tag of a model trained on every case (nnU-Net's "all")
+
+
+def fold_case_ids(workdir: Path, plans: Plans, config: Configuration, fold: int | str) -> tuple[list[str], list[str]]:
+    """(training, validation) case ids of a fold; ``full`` trains on all and watches a tenth of them."""
+    folder = preprocessed_dir(workdir, config.data_config)
     ids = sorted(p.stem for p in folder.glob("*.json"))
     if not ids:
         raise MedsegError(f"{folder}: no preprocessed cases; run `medseg plan` (or `medseg preprocess`) first")
-    if fold == "all":
+    if fold == FULL:
         return ids, ids[: max(1, len(ids) // 10)]
     splits = load_or_create_splits(workdir, ids, plans.seed)
     if not (0 <= int(fold) < len(splits)):
@@ -91,7 +95,8 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
                iterations_per_epoch: int | None = None, time_budget_min: float | None = None,
                resume: bool = False, device: str = "cpu", num_workers: int | None = None, validate_full: bool = True,
                progress: bool = False) -> Path:
-    """Train one fold (0..4 or "all") of a configuration. Returns the run directory.
+    """Train one fold (0..4, or "full": all cases) of a configuration. Returns the run directory.
+    A cascade stage needs its previous stage's out-of-fold predictions (all its folds trained).
 
     ``num_workers``: augmentation processes (default 1 on CPU, up to 8 on CUDA)."""
     workdir = Path(workdir)
@@ -105,12 +110,17 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
         raise CheckpointError(f"{run}: a run exists already; pass --resume to continue it (or delete the folder)")
     if resume and not latest.exists():
         raise CheckpointError(f"{latest}: nothing to resume")
-    train_ids, val_ids = _fold_case_ids(workdir, plans, config, fold)
+    train_ids, val_ids = fold_case_ids(workdir, plans, config, fold)
+    prior_folder = None
+    if config.previous_stage:
+        from medseg.training.cascade import build_priors
+
+        prior_folder = build_priors(workdir, plans, config, rebuild=not resume)
     budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
-    seed = plans.seed + (NUM_FOLDS if fold == "all" else int(fold))
+    seed = plans.seed + (NUM_FOLDS if fold == FULL else int(fold))
     torch.manual_seed(seed)
     n_classes = plans.num_classes
-    model = build_network(config.architecture, len(plans.channel_names), n_classes).to(device)
+    model = build_network(config.architecture, plans.input_channels(config), n_classes).to(device)
     t = config.training
     optimizer = torch.optim.SGD(model.parameters(), lr=t.initial_lr, momentum=t.momentum, nesterov=True,
                                 weight_decay=t.weight_decay)
@@ -127,12 +137,13 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
         state = {k: ckpt[k] for k in state}
         log.info("resumed %s at epoch %d", run, state["epoch"])
     run.mkdir(parents=True, exist_ok=True)
-    folder = preprocessed_dir(workdir, config.name)
+    folder = preprocessed_dir(workdir, config.data_config)
+    prior = dict(prior_folder=prior_folder, num_classes=n_classes)
     train_src = BatchSource(folder, train_ids, config.patch_size, config.batch_size,
                             oversample_foreground=t.oversample_foreground, augment=True, seed=seed,
-                            mirror_axes=t.mirror_axes)
+                            mirror_axes=t.mirror_axes, **prior)
     val_src = BatchSource(folder, val_ids, config.patch_size, config.batch_size,
-                          oversample_foreground=t.oversample_foreground, augment=False, seed=seed + 7919)
+                          oversample_foreground=t.oversample_foreground, augment=False, seed=seed + 7919, **prior)
     meta = {"plans_config": config.model_dump(), "fold": fold, "device": device, "budget": asdict(budget),
             "train_cases": len(train_ids), "val_cases": len(val_ids), "seed": seed, "medseg_version": __version__,
             "torch_version": torch.__version__}
@@ -218,35 +229,50 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
                                                   "fold": str(fold), "epoch": state["epoch"],
                                                   "elapsed_s": state["elapsed_s"]})
     log.info("training done: %d epochs in %.1f min", state["epoch"], state["elapsed_s"] / 60)
-    if validate_full and fold != "all":
+    if validate_full and fold != FULL:
         validate_fold(workdir, plans, config, run, val_ids, device=device, progress=progress)
     return run
 
 
 def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path, val_ids: list[str], *,
                   device: str = "cpu", progress: bool = False) -> dict:
-    """Predict the fold's validation cases in full from the raw images (native geometry) and evaluate."""
+    """Predict the fold's validation cases in full from the raw images (native geometry) and evaluate.
+
+    Writes ``val/<case>.nii.gz`` (label map) and ``val/<case>.npz`` (the out-of-fold probabilities,
+    compact, with the case's QC score), which ``medseg find-best`` and the cascade read."""
     from medseg.evaluation.overlay import save_overlays
     from medseg.evaluation.report import evaluate_folder, format_summary
-    from medseg.inference.predictor import InputCase, predict_case, read_input
+    from medseg.inference.predictor import InputCase, Stage, predict_case, read_input
+    from medseg.inference.probabilities import save_probabilities
     from medseg.io.dataset import load_dataset
     from medseg.io.image import write_image
+    from medseg.preprocessing.pipeline import load_properties
     from medseg.progress import track
 
     source = json.loads((workdir / "source.json").read_text())
     ds = load_dataset(source["dataset"])
-    model = build_network(config.architecture, len(plans.channel_names), plans.num_classes).to(device)
+    model = build_network(config.architecture, plans.input_channels(config), plans.num_classes).to(device)
     model.load_state_dict(load_checkpoint(run / "checkpoint_final.pt", map_location=device)["model"])
+    stage = Stage(config, [model], plans.num_classes)
     out = run / "val"
     out.mkdir(exist_ok=True)
     ref = run / "val_reference"
     ref.mkdir(exist_ok=True)
     t0 = time.perf_counter()
+    folder = preprocessed_dir(workdir, config.data_config)
     for cid in track(val_ids, total=len(val_ids), description="validate", enabled=progress):
         case = ds.case(cid)
         image, geometry = read_input(InputCase(cid, case.images, ".nii.gz"), len(plans.channel_names))
-        seg, _, _ = predict_case([model], image, geometry, config, device=device)
-        write_image(out / f"{cid}.nii.gz", seg, geometry, np.uint8)
+        prior = None
+        if config.previous_stage:  # the previous stage's out-of-fold prediction, as in training
+            from medseg.training.cascade import oof_segmentation
+
+            prior = oof_segmentation(workdir, plans.config(config.previous_stage).key, cid)
+        pred = predict_case(stage, image, geometry, device=device, prior=prior)
+        bbox = load_properties(folder, cid)["bbox"] if (folder / f"{cid}.json").exists() else None
+        save_probabilities(out / f"{cid}.npz", pred.probabilities,
+                           bbox or [[0, s] for s in pred.probabilities.shape[1:]], qc_score=pred.qc_scores[0])
+        write_image(out / f"{cid}.nii.gz", pred.segmentation, geometry, np.uint8)
         lab_link = ref / f"{cid}{case.label.name[len(cid):]}"
         if not lab_link.exists():
             lab_link.symlink_to(case.label)

@@ -1,0 +1,381 @@
+"""``medseg find-best``: choose the model on out-of-fold predictions.
+
+1. **Candidates**: every configuration whose cross-validation folds are all trained, and every
+   pair of them (softmax average). Each is evaluated on every case, predicted by the fold that did
+   not train on it: Dice and HD95 per class (:func:`~medseg.evaluation.metrics.case_metrics`).
+2. **Choice**: the highest foreground-mean Dice, rounded to :data:`DICE_DECIMALS` decimals; ties go
+   to the simpler candidate (fewer members, then the order of ``plans.json``).
+3. **Postprocessing** on the chosen candidate's predictions (nnU-Net's rule): keeping the largest
+   connected component of all foreground is accepted when the foreground-mean Dice improves and no
+   class gets worse; then, per class, keeping that class's largest component is accepted when the
+   class's Dice improves (other classes cannot change).
+4. **QC**: each case's score (:mod:`medseg.inference.uncertainty`) against its Dice after
+   postprocessing: Spearman correlation, the threshold (a quantile of the scores) and how many of
+   the worst-Dice decile it flags.
+
+Outputs: ``model.json`` and ``find_best/`` (``candidates.csv``, ``candidates.png``, ``cases.csv``,
+``postprocessing.json``, ``qc.csv``, ``qc.png``, ``report.md``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medseg.errors import MedsegError
+from medseg.evaluation.metrics import case_metrics, confusion, dice
+from medseg.inference.postprocessing import describe, keep_largest_foreground, keep_largest_per_class
+from medseg.inference.uncertainty import FLAG_QUANTILE, calibrate_threshold, spearman
+from medseg.plans.schema import ChosenModel, Plans, Postprocessing, QualityControl
+from medseg.utils import atomic_path, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+DICE_DECIMALS = 4
+
+Candidate = tuple[str, ...]
+
+
+class OutOfFold:
+    """Out-of-fold predictions of a work directory: ``runs/<key>/fold_k/val/<case>.npz`` and the
+    dataset's reference labels. Picklable (paths only), so cases can be evaluated in worker processes."""
+
+    def __init__(self, workdir: Path, plans: Plans, keys: Sequence[str]) -> None:
+        from medseg.io.dataset import load_dataset
+        from medseg.training.crossval import cv_folds
+        from medseg.training.loop import fold_case_ids
+
+        self.workdir = Path(workdir)
+        source = json.loads((self.workdir / "source.json").read_text())
+        ds = load_dataset(source["dataset"])
+        self.labels_of = {c.case_id: c.label for c in ds.cases}
+        self.paths: dict[str, dict[str, Path]] = {}
+        self.folds: dict[str, list[int]] = {}
+        for key in keys:
+            config = plans.config(key)
+            self.folds[key] = cv_folds(workdir, plans, key)
+            paths = {}
+            for fold in self.folds[key]:
+                for cid in fold_case_ids(workdir, plans, config, fold)[1]:
+                    paths[cid] = self.workdir / "runs" / config.key / f"fold_{fold}" / "val" / f"{cid}.npz"
+            self.paths[key] = paths
+
+    @classmethod
+    def complete_keys(cls, workdir: Path, plans: Plans) -> tuple[list[str], list[str]]:
+        """(configurations with every fold's out-of-fold predictions, lines on those without)."""
+        from medseg.training.crossval import cv_folds
+        from medseg.training.loop import fold_case_ids
+
+        ok, missing = [], []
+        for key, config in plans.configurations.items():
+            run = Path(workdir) / "runs" / key
+            if not run.exists():
+                continue
+            try:
+                folds = cv_folds(workdir, plans, key)
+            except MedsegError:
+                continue
+            lacking = [f for f in folds if not all((run / f"fold_{f}" / "val" / f"{c}.npz").exists()
+                                                    for c in fold_case_ids(workdir, plans, config, f)[1])]
+            (missing if lacking else ok).append(key if not lacking else f"{key}: folds {lacking} not finished")
+        return ok, missing
+
+    @property
+    def case_ids(self) -> list[str]:
+        return sorted(set.intersection(*(set(p) for p in self.paths.values())))
+
+    def probabilities(self, key: str, case_id: str) -> np.ndarray:
+        from medseg.inference.probabilities import load_probabilities
+
+        return load_probabilities(self.paths[key][case_id])
+
+    def qc_score(self, key: str, case_id: str) -> float:
+        from medseg.inference.probabilities import load_qc_score
+
+        return load_qc_score(self.paths[key][case_id])
+
+    def reference(self, case_id: str) -> tuple[np.ndarray, Sequence[float]]:
+        from medseg.io.image import read_image
+
+        array, geometry = read_image(self.labels_of[case_id])
+        return np.rint(array[0]).astype(np.int16), geometry.spacing
+
+
+def candidates_of(keys: Sequence[str]) -> list[Candidate]:
+    """Each configuration alone, then every pair."""
+    return [(k,) for k in keys] + list(itertools.combinations(keys, 2))
+
+
+def name_of(candidate: Candidate) -> str:
+    return " + ".join(candidate)
+
+
+def _segment(source, candidate: Candidate, case_id: str, cache: dict) -> np.ndarray:
+    probs = [cache.setdefault(k, source.probabilities(k, case_id)) for k in candidate]
+    return np.mean(probs, axis=0).argmax(axis=0).astype(np.uint8)
+
+
+def _evaluate_case(args: tuple) -> list[dict]:
+    source, case_id, candidates, labels = args
+    ref, spacing = source.reference(case_id)
+    cache: dict = {}
+    rows = []
+    for cand in candidates:
+        seg = _segment(source, cand, case_id, cache)
+        if seg.shape != ref.shape:
+            raise MedsegError(f"case {case_id}: out-of-fold prediction of {name_of(cand)} has shape {seg.shape}, "
+                              f"the reference {ref.shape}")
+        for row in case_metrics(seg, ref, spacing, labels):
+            rows.append({"candidate": name_of(cand), "case": case_id, **row})
+    return rows
+
+
+def _postprocessing_case(args: tuple) -> dict:
+    """Per-class Dice of one case under each postprocessing option of ``candidate``."""
+    source, case_id, candidate, classes = args
+    ref, _ = source.reference(case_id)
+    base = _segment(source, candidate, case_id, {})
+    fg = keep_largest_foreground(base)
+    out: dict = {"case": case_id}
+    for k in classes:
+        r = ref == k
+        out[f"none_{k}"] = dice(*confusion(base == k, r))
+        out[f"fg_{k}"] = dice(*confusion(fg == k, r))
+        out[f"cls_{k}"] = dice(*confusion(keep_largest_per_class(base, [k]) == k, r))
+        out[f"fgcls_{k}"] = dice(*confusion(keep_largest_per_class(fg, [k]) == k, r))
+    return out
+
+
+def _map(fn: Callable, jobs: list, num_workers: int, progress: bool, what: str) -> list:
+    from medseg.progress import track
+
+    if num_workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(num_workers, len(jobs))) as pool:
+            return list(track(pool.map(fn, jobs), total=len(jobs), description=what, enabled=progress))
+    return list(track(map(fn, jobs), total=len(jobs), description=what, enabled=progress))
+
+
+def summarize_candidates(frame: pd.DataFrame, candidates: Sequence[Candidate],
+                         labels: Mapping[int, str]) -> pd.DataFrame:
+    """One row per candidate: mean Dice and HD95 per class over cases (both-empty cases left out),
+    and their means over classes."""
+    rows = []
+    classes = [k for k in sorted(labels) if k != 0]
+    for order, cand in enumerate(candidates):
+        sub = frame[frame["candidate"] == name_of(cand)]
+        row: dict = {"candidate": name_of(cand), "members": len(cand), "order": order}
+        for k in classes:
+            c = sub[sub["class_id"] == k]
+            row[f"dice_{labels[k]}"] = float(np.nanmean(c["dice"])) if c["dice"].notna().any() else math.nan
+            row[f"hd95_{labels[k]}"] = float(np.nanmean(c["hd95_mm"])) if c["hd95_mm"].notna().any() else math.nan
+        row["dice_fg"] = float(np.nanmean([row[f"dice_{labels[k]}"] for k in classes]))
+        row["hd95_fg"] = float(np.nanmean([row[f"hd95_{labels[k]}"] for k in classes]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def choose(table: pd.DataFrame) -> str:
+    """The best foreground-mean Dice (rounded); ties to fewer members, then the earlier configuration."""
+    ranked = table.assign(_d=-table["dice_fg"].round(DICE_DECIMALS)).sort_values(["_d", "members", "order"])
+    return str(ranked.iloc[0]["candidate"])
+
+
+def decide_postprocessing(per_case: pd.DataFrame, classes: Sequence[int]) -> tuple[Postprocessing, dict]:
+    """nnU-Net's rule on per-case Dice columns ``none_k, fg_k, cls_k, fgcls_k`` (see module docstring).
+    Returns the decision and the mean per-class Dice before/after each step."""
+    mean = {c: float(np.nanmean(per_case[c])) if per_case[c].notna().any() else math.nan
+            for c in per_case.columns if c != "case"}
+    before = {k: mean[f"none_{k}"] for k in classes}
+    with_fg = {k: mean[f"fg_{k}"] for k in classes}
+    gain = np.nanmean(list(with_fg.values())) - np.nanmean(list(before.values()))
+    use_fg = bool(gain > 0 and all(not (with_fg[k] < before[k]) for k in classes))
+    base = with_fg if use_fg else before
+    prefix = "fgcls" if use_fg else "cls"
+    per_class = [k for k in classes if mean[f"{prefix}_{k}"] > base[k]]
+    after = {k: (mean[f"{prefix}_{k}"] if k in per_class else base[k]) for k in classes}
+    figures = {"dice_before": before, "dice_with_largest_foreground": with_fg,
+               "dice_with_largest_per_class": {k: mean[f"{prefix}_{k}"] for k in classes},
+               "dice_after": after, "foreground_gain": float(gain)}
+    return Postprocessing(foreground=use_fg, classes=per_class), figures
+
+
+def qc_figures(scores: Sequence[float], case_dice: Sequence[float],
+               quantile: float = FLAG_QUANTILE) -> tuple[float, float, int, int]:
+    """(threshold, Spearman(score, Dice), worst-decile cases flagged, worst-decile size)."""
+    scores, case_dice = np.asarray(scores, float), np.asarray(case_dice, float)
+    threshold = calibrate_threshold(scores, quantile)
+    n_worst = max(1, int(round(len(case_dice) * (1 - quantile))))
+    worst = np.argsort(case_dice, kind="stable")[:n_worst]
+    return threshold, spearman(scores, case_dice), int((scores[worst] > threshold).sum()), n_worst
+
+
+@dataclass
+class Selection:
+    """What :func:`select_model` found: the candidate table, the choice, its postprocessing and QC."""
+
+    table: pd.DataFrame
+    cases: pd.DataFrame
+    best: Candidate
+    postprocessing: Postprocessing
+    pp_figures: dict
+    qc: pd.DataFrame
+    threshold: float
+    spearman: float
+    flagged_worst: int
+    n_worst: int
+
+
+def select_model(source, keys: Sequence[str], labels: Mapping[int, str], *, num_workers: int = 1,
+                 progress: bool = False) -> Selection:
+    """Steps 1-4 of the module docstring on any out-of-fold ``source`` (:class:`OutOfFold` or an
+    object with the same ``case_ids``, ``probabilities``, ``qc_score`` and ``reference``)."""
+    cases = source.case_ids
+    labels = {int(k): v for k, v in labels.items()}
+    classes = [k for k in sorted(labels) if k != 0]
+    candidates = candidates_of(keys)
+    rows = _map(_evaluate_case, [(source, c, candidates, labels) for c in cases], num_workers, progress,
+                f"evaluate {len(candidates)} candidate(s)")
+    frame = pd.DataFrame([r for case_rows in rows for r in case_rows])
+    table = summarize_candidates(frame, candidates, labels)
+    best_name = choose(table)
+    best = next(c for c in candidates if name_of(c) == best_name)
+    per_case = pd.DataFrame(_map(_postprocessing_case, [(source, c, best, classes) for c in cases], num_workers,
+                                 progress, "postprocessing"))
+    pp, pp_figures = decide_postprocessing(per_case, classes)
+    prefix = {(False, False): "none", (True, False): "fg", (False, True): "cls", (True, True): "fgcls"}
+    final = np.column_stack([per_case[f"{prefix[(pp.foreground, k in pp.classes)]}_{k}"] for k in classes])
+    case_dice = np.nanmean(final, axis=1)
+    scores = [float(np.mean([source.qc_score(k, c) for k in best])) for c in cases]
+    threshold, rho, flagged_worst, n_worst = qc_figures(scores, case_dice)
+    qc = pd.DataFrame({"case": cases, "qc_score": scores, "dice_fg": case_dice,
+                       "flagged": np.asarray(scores) > threshold})
+    return Selection(table, frame, best, pp, pp_figures, qc, threshold, rho, flagged_worst, n_worst)
+
+
+def find_best(workdir: Path, *, configs: Sequence[str] | None = None, num_workers: int = 1,
+              progress: bool = False) -> tuple[ChosenModel, str]:
+    """Evaluate the candidates, choose, decide postprocessing and QC; write ``model.json`` and the report."""
+    workdir = Path(workdir)
+    plans = Plans.load(workdir / "plans.json")
+    complete, incomplete = OutOfFold.complete_keys(workdir, plans)
+    if configs:
+        keys = [plans.config(c).key for c in configs]
+        lacking = [k for k in keys if k not in complete]
+        if lacking:
+            raise MedsegError(f"{workdir}: {lacking[0]} has no complete cross-validation; run "
+                              f"`medseg train {workdir} -c {lacking[0]} -f all`")
+    else:
+        keys = complete
+    if not keys:
+        raise MedsegError(f"{workdir}: no configuration has all its cross-validation folds trained"
+                          + (f" ({'; '.join(incomplete)})" if incomplete else "")
+                          + "; run `medseg train WORKDIR -c CONFIG -f all` first")
+    source = OutOfFold(workdir, plans, keys)
+    labels = {int(k): v for k, v in plans.labels.items()}
+    classes = [k for k in sorted(labels) if k != 0]
+    sel = select_model(source, keys, labels, num_workers=num_workers, progress=progress)
+    row = sel.table[sel.table["candidate"] == name_of(sel.best)].iloc[0]
+    after = sel.pp_figures["dice_after"]
+    chosen = ChosenModel(
+        members=list(sel.best), folds={k: list(source.folds[k]) for k in sel.best}, postprocessing=sel.postprocessing,
+        qc=QualityControl(threshold=sel.threshold, quantile=FLAG_QUANTILE, spearman_vs_dice=sel.spearman,
+                          worst_flagged=f"{sel.flagged_worst} of the {sel.n_worst} lowest-Dice cases"),
+        cv_dice=float(np.nanmean(list(after.values()))),
+        cv_dice_per_class={labels[k]: float(after[k]) for k in classes}, cv_hd95=float(row["hd95_fg"]),
+        cv_cases=len(source.case_ids),
+        decided=(f"best of {len(sel.table)} candidate(s) by out-of-fold foreground Dice {row['dice_fg']:.4f} over "
+                 f"{len(source.case_ids)} cases; postprocessing: {describe(sel.postprocessing.model_dump())}"))
+    out = workdir / "find_best"
+    out.mkdir(exist_ok=True)
+    with atomic_path(out / "candidates.csv") as tmp:
+        sel.table.drop(columns=["order"]).to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_path(out / "cases.csv") as tmp:
+        sel.cases.to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_path(out / "qc.csv") as tmp:
+        sel.qc.to_csv(tmp, index=False, float_format="%.5f")
+    atomic_write_json(out / "postprocessing.json", {"decision": sel.postprocessing.model_dump(), **{
+        k: ({labels[c]: v for c, v in d.items()} if isinstance(d, dict) else d) for k, d in sel.pp_figures.items()}})
+    _plot_candidates(sel.table, name_of(sel.best), out / "candidates.png")
+    _plot_qc(sel.qc, sel.threshold, sel.n_worst, out / "qc.png")
+    report = _report(sel.table, chosen, sel.pp_figures, labels, sel.qc, sel.n_worst, sel.flagged_worst)
+    atomic_write_text(out / "report.md", report)
+    chosen.save(workdir / "model.json")
+    return chosen, report
+
+
+def _report(table: pd.DataFrame, chosen: ChosenModel, pp_figures: dict, labels: Mapping[int, str],
+            qc: pd.DataFrame, n_worst: int, flagged_worst: int) -> str:
+    classes = [k for k in sorted(labels) if k != 0]
+    head = ["candidate", *(f"Dice {labels[k]}" for k in classes), "Dice fg", *(f"HD95 {labels[k]}" for k in classes),
+            "HD95 fg"]
+    lines = [f"Out-of-fold evaluation over {chosen.cv_cases} cases", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        mark = " (chosen)" if r["candidate"] == " + ".join(chosen.members) else ""
+        vals = [f"{r[f'dice_{labels[k]}']:.4f}" for k in classes] + [f"{r['dice_fg']:.4f}"] + [
+            f"{r[f'hd95_{labels[k]}']:.2f}" for k in classes] + [f"{r['hd95_fg']:.2f}"]
+        lines.append(f"| {r['candidate']}{mark} | " + " | ".join(vals) + " |")
+    singles = table[table["members"] == 1]
+    pairs = table[table["members"] > 1]
+    if len(pairs):
+        best_single, best_pair = singles["dice_fg"].max(), pairs["dice_fg"].max()
+        lines += ["", f"Best ensemble vs best single configuration: {best_pair - best_single:+.4f} foreground Dice."]
+    before, after = pp_figures["dice_before"], pp_figures["dice_after"]
+    lines += ["", f"Chosen: {' + '.join(chosen.members)}; postprocessing: {describe(chosen.postprocessing.model_dump())}"
+              f" (foreground Dice {np.nanmean(list(before.values())):.4f} → {np.nanmean(list(after.values())):.4f}; "
+              f"largest foreground component alone: {pp_figures['foreground_gain']:+.4f})."]
+    q = chosen.qc
+    lines += ["", f"QC: Spearman(score, case Dice) = {q.spearman_vs_dice:.3f}; threshold {q.threshold:.4f} "
+              f"(the {q.quantile:.0%} quantile) flags {int(qc['flagged'].sum())} cases, {flagged_worst} of the "
+              f"{n_worst} lowest-Dice cases."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_candidates(table: pd.DataFrame, best: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.0, 0.9 + 0.45 * len(table)), layout="constrained")
+    FigureCanvasAgg(fig)
+    colours = ["tab:red" if c == best else "tab:blue" for c in table["candidate"]]
+    for ax, col, title in zip(fig.subplots(1, 2, sharey=True), ("dice_fg", "hd95_fg"),
+                              ("foreground Dice (higher is better)", "HD95 mm (lower is better)"), strict=True):
+        ax.barh(range(len(table)), table[col], color=colours)
+        ax.set_yticks(range(len(table)), table["candidate"])
+        lo = float(table[col].min())
+        if col == "dice_fg":
+            ax.set_xlim(max(0.0, lo - 0.05), min(1.0, float(table[col].max()) + 0.01))
+        for i, v in enumerate(table[col]):
+            ax.text(v, i, f" {v:.4f}" if col == "dice_fg" else f" {v:.2f}", va="center", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+    fig.suptitle("out-of-fold candidates (red: chosen)", fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _plot_qc(qc: pd.DataFrame, threshold: float, n_worst: int, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    worst = qc["dice_fg"].rank(method="first") <= n_worst
+    ax.scatter(qc["qc_score"][~worst], qc["dice_fg"][~worst], s=12, label="other cases")
+    ax.scatter(qc["qc_score"][worst], qc["dice_fg"][worst], s=18, color="tab:red", label=f"{n_worst} lowest Dice")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.4f}")
+    ax.set_xlabel("QC score: mean normalised entropy in predicted foreground")
+    ax.set_ylabel("case foreground Dice (out of fold)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
