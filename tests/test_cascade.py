@@ -52,6 +52,7 @@ def test_brats_cascade_plan_train_predict(shared_data_dir, tmp_path):
     """A 0.5 GB budget forces a low-resolution stage on 240x240x155 BraTS; lowres (2 folds) then the
     cascade (fold 0) train for a few iterations, and predict runs both stages on a raw case."""
     from medseg.inference.predictor import predict_folder
+    from medseg.preprocessing.pipeline import load_properties, preprocess_label
     from medseg.training.crossval import parse_folds, train_folds
 
     ds = shared_data_dir / "brats-subset"
@@ -88,6 +89,9 @@ def test_brats_cascade_plan_train_predict(shared_data_dir, tmp_path):
             prior = np.load(wd / "priors" / "3d_lowres" / f"{cid}.npy")
             seg = np.load(wd / "preprocessed" / "3d_fullres" / f"{cid}_seg.npy")
             assert prior.shape == seg.shape and prior.dtype == np.int8
+            oof = nib.load(wd / "runs" / "3d_lowres" / f"fold_{k}" / "val" / f"{cid}.nii.gz").get_fdata()
+            props = load_properties(wd / "preprocessed" / "3d_fullres", cid)
+            assert np.array_equal(prior[0], preprocess_label(oof.astype(np.int16), props, casc, [0, 1, 2, 3, 4]))
     assert (wd / "runs" / "3d_cascade_fullres" / "fold_0" / "val_report" / "summary.json").exists()
 
     case = splits[0]["val"][0]

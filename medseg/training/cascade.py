@@ -32,17 +32,23 @@ P_REMOVE_COMPONENT = 0.2  # per sample, per class
 REMOVE_IF_COVERS_AT_MOST = 0.15  # of the patch; larger components are never removed
 
 
-def oof_segmentation(workdir: Path, previous_key: str, case_id: str) -> np.ndarray:
-    """The previous stage's out-of-fold label map of ``case_id`` (input grid)."""
+def oof_path(workdir: Path, previous_key: str, case_id: str) -> Path:
+    """The previous stage's out-of-fold label map file of ``case_id``."""
     hits = sorted((Path(workdir) / "runs" / previous_key).glob(f"fold_[0-9]*/val/{case_id}.nii.gz"))
     if not hits:
         raise MedsegError(f"{Path(workdir) / 'runs' / previous_key}: no out-of-fold prediction of case {case_id}; "
                           f"train every fold of {previous_key} first (medseg train -c {previous_key} -f all)")
-    return read_image(hits[0])[0][0].astype(np.int16)
+    return hits[0]
 
 
-def build_priors(workdir: Path, plans: Plans, config: Configuration, rebuild: bool = True) -> Path:
-    """Resample every case's out-of-fold previous-stage prediction into ``config``'s preprocessed grid."""
+def oof_segmentation(workdir: Path, previous_key: str, case_id: str) -> np.ndarray:
+    """The previous stage's out-of-fold label map of ``case_id`` (input grid)."""
+    return read_image(oof_path(workdir, previous_key, case_id))[0][0].astype(np.int16)
+
+
+def build_priors(workdir: Path, plans: Plans, config: Configuration) -> Path:
+    """Resample every case's out-of-fold previous-stage prediction into ``config``'s preprocessed grid
+    (again for a case whose prediction is newer than its prior, e.g. after retraining that stage)."""
     import io
 
     from medseg.progress import track
@@ -52,7 +58,8 @@ def build_priors(workdir: Path, plans: Plans, config: Configuration, rebuild: bo
     out = Path(workdir) / "priors" / prev
     out.mkdir(parents=True, exist_ok=True)
     ids = sorted(p.stem for p in data.glob("*.json"))
-    todo = [c for c in ids if rebuild or not (out / f"{c}.npy").exists()]
+    todo = [c for c in ids if not (out / f"{c}.npy").exists()
+            or (out / f"{c}.npy").stat().st_mtime < oof_path(workdir, prev, c).stat().st_mtime]
     for cid in track(todo, total=len(todo), description=f"priors from {prev}", enabled=bool(todo)):
         props = load_properties(data, cid)
         seg = preprocess_label(oof_segmentation(workdir, prev, cid), props, config, sorted(plans.labels))

@@ -115,7 +115,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
     if config.previous_stage:
         from medseg.training.cascade import build_priors
 
-        prior_folder = build_priors(workdir, plans, config, rebuild=not resume)
+        prior_folder = build_priors(workdir, plans, config)
     budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
     seed = plans.seed + (NUM_FOLDS if fold == FULL else int(fold))
     torch.manual_seed(seed)
