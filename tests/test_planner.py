@@ -263,9 +263,23 @@ def test_mri_channel_gets_zscore() -> None:
 
 
 def test_unknown_configuration_is_rejected_listing_the_available_ones() -> None:
-    with pytest.raises(PlanError, match="available: 2d, 3d_fullres"):
+    with pytest.raises(PlanError, match="available: 2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres"):
         plan_dataset(make_fingerprint(4, [1.0, 1.0, 1.0], [32, 32, 32]), device="cuda", memory_gb=8,
-                     configs=["3d_lowres"])
+                     configs=["3d_superres"])
+
+
+def test_lowres_and_cascade_only_where_the_fullres_patch_is_small() -> None:
+    small = plan_dataset(make_fingerprint(4, [1.0, 1.0, 1.0], [32, 32, 32]), device="cuda", memory_gb=8)
+    assert list(small.configurations) == ["2d", "3d_fullres"]
+    big = plan_dataset(make_fingerprint(4, [1.0, 1.0, 1.0], [320, 320, 320]), device="cuda", memory_gb=4,
+                       configs=["3d_fullres", "3d_lowres"])
+    assert list(big.configurations) == ["3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+    full, low, casc = (big.configurations[k] for k in big.configurations)
+    assert np.prod(full.patch_size) < 0.25 * np.prod(full.median_shape)
+    assert np.prod(low.patch_size) >= 0.25 * np.prod(low.median_shape)
+    assert np.prod(full.median_shape) >= 2 * np.prod(low.median_shape)
+    assert casc.previous_stage == "3d_lowres" and casc.patch_size == full.patch_size
+    assert big.input_channels(casc) == big.input_channels(full) + big.num_classes - 1
 
 
 # --- plans.json ----------------------------------------------------------------------------------------
