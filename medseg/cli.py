@@ -129,7 +129,7 @@ def train(
 
 @app.command()
 def predict(
-    input: Path = typer.Option(..., "-i", "--input", help="Image file or folder of images."),
+    input: Path = typer.Option(..., "-i", "--input", help="Image file, folder of images, or DICOM folder tree."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
     model: Path = typer.Option(..., "-m", "--model", help="Work directory with trained runs."),
     config: str = typer.Option(None, "-c", "--config",
@@ -146,6 +146,10 @@ def predict(
                                           help="Also write <case>_uncertainty: normalised predictive entropy over "
                                                "all models (0 certain .. 1 uniform)."),
     no_postprocessing: bool = typer.Option(False, "--no-postprocessing", help="Ignore model.json's postprocessing."),
+    series: str = typer.Option(None, "--series",
+                               help="DICOM: which series, as modality=MR,description=REGEX,uid=UID (default: per "
+                                    "study, the one series whose modality fits the model)."),
+    output_format: str = typer.Option("nifti", "--output-format", help="nifti, dicom-seg (DICOM input) or both."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: str = typer.Option(None, "--device"),
 ) -> None:
@@ -159,6 +163,7 @@ def predict(
     written = predict_folder(input, output, model, config_name=config, folds=fold_list, step=step, tta=not no_tta,
                              save_probabilities=save_probabilities, save_attention=save_attention,
                              save_uncertainty=save_uncertainty, postprocess=not no_postprocessing,
+                             series=series, output_format=output_format,
                              overwrite=overwrite, device=_device(device),
                              progress=True)
     console.print(f"[green]{len(written)} segmentation(s) written to[/] {output}")

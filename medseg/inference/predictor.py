@@ -8,6 +8,7 @@ stage and runs it first. Without ``-c``, ``predict_folder`` follows ``model.json
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from medseg.inference.postprocessing import apply_postprocessing
 from medseg.inference.sliding_window import predict_volume
 from medseg.inference.uncertainty import entropy_map
 from medseg.io.dataset import Case, read_case_image
+from medseg.io.dicom import Series
 from medseg.io.image import image_suffix, write_image
 from medseg.networks.unet import build_network
 from medseg.plans.schema import ChosenModel, Configuration, Plans
@@ -38,19 +40,36 @@ class InputCase:
     case_id: str
     files: list[Path]
     suffix: str
+    series: Series | None = None  # a DICOM series (files are its slices)
 
 
-def find_inputs(path: Path, num_channels: int) -> list[InputCase]:
-    """A single image file or a folder of them; nnU-Net-style ``_0000`` files are grouped by case."""
+def _dicom_case_id(series: Series) -> str:
+    if re.fullmatch(r"[0-9.]+", series.series_uid):
+        return series.series_uid
+    return "series_" + hashlib.sha1(series.series_uid.encode()).hexdigest()[:12]
+
+
+def find_inputs(path: Path, num_channels: int, channel_names: list[str] | None = None,
+                series: str | None = None) -> list[InputCase]:
+    """A single image file or a folder of them (nnU-Net-style ``_0000`` files are grouped by case), or
+    a DICOM folder tree: one case per chosen series (see :func:`medseg.io.dicom.select_series`),
+    named by its SeriesInstanceUID and written as NIfTI."""
     path = Path(path)
     if path.is_file():
-        files = [path]
+        files = [path] if image_suffix(path) else []
     elif path.is_dir():
         files = sorted(f for f in path.iterdir() if image_suffix(f) and not f.name.startswith("."))
     else:
         raise MedsegError(f"{path}: input not found")
+    if not files or series:
+        from medseg.io.dicom import SeriesSelector, find_series, select_series
+
+        found = find_series(path)
+        if found:
+            chosen = select_series(found, channel_names or ["image"] * num_channels, SeriesSelector.parse(series), path)
+            return [InputCase(_dicom_case_id(s), [sl.path for sl in s.slices], ".nii.gz", s) for s in chosen]
     if not files:
-        raise MedsegError(f"{path}: no images to predict (.nii.gz, .nii, .nrrd, .mha, .mhd)")
+        raise MedsegError(f"{path}: no images to predict (.nii.gz, .nii, .nrrd, .mha, .mhd, or DICOM series)")
     groups: dict[str, dict[int, Path]] = {}
     singles = []
     for f in files:
@@ -71,7 +90,12 @@ def find_inputs(path: Path, num_channels: int) -> list[InputCase]:
 
 def read_input(case: InputCase, num_channels: int):
     """All channels of an input case as float32 (C, X, Y, Z) + geometry, checked against the model."""
-    image, geometry = read_case_image(Case(case.case_id, case.files, None))
+    if case.series is not None:
+        from medseg.io.dicom import read_series
+
+        image, geometry = read_series(case.series)
+    else:
+        image, geometry = read_case_image(Case(case.case_id, case.files, None))
     if image.shape[0] != num_channels:
         raise MedsegError(f"{case.files[0]}: {image.shape[0]} channel(s); the model expects {num_channels}")
     if not np.isfinite(image).all():
@@ -207,12 +231,14 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
                    folds: list[int | str] | None = None, step: float = 0.5, tta: bool = True,
                    save_probabilities: bool = False, save_attention: bool = False, save_uncertainty: bool = False,
                    postprocess: bool = True, overwrite: bool = False, device: str = "cpu",
-                   progress: bool = False) -> list[Path]:
+                   progress: bool = False, series: str | None = None, output_format: str = "nifti") -> list[Path]:
     """Predict every image in ``inputs`` (file or folder) into ``output`` with the trained model in
     ``workdir``. Cases whose output exists are skipped unless ``overwrite``. ``save_attention`` writes
     each case's attention coefficients as ``<case>_attention`` (one volume per gate) beside it;
     ``save_uncertainty`` the normalised predictive entropy as ``<case>_uncertainty``. Every run
-    writes ``predict_summary.json``/``.csv``: each case's QC score and whether it is flagged."""
+    writes ``predict_summary.json``/``.csv``: each case's QC score and whether it is flagged.
+    ``output_format`` ``dicom-seg`` (or ``both``) writes ``<case>.dcm``, a DICOM SEG referencing the
+    source series, for DICOM inputs (``series`` selects them, see :class:`medseg.io.dicom.SeriesSelector`)."""
     from medseg.progress import track
 
     workdir = Path(workdir)
@@ -224,14 +250,23 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
             gated = [k for k, c in plans.configurations.items() if c.architecture.blocks.attention_gates]
             raise MedsegError(f"{workdir}: configuration {ungated[0]} has no attention gates to save"
                               + (f"; choose one that has: {', '.join(gated)}" if gated else ""))
-    cases = find_inputs(inputs, len(plans.channel_names))
+    if output_format not in ("nifti", "dicom-seg", "both"):
+        raise MedsegError(f"--output-format {output_format!r}: expected nifti, dicom-seg or both")
+    cases = find_inputs(inputs, len(plans.channel_names), plans.channel_names, series)
+    seg_out, nifti_out = output_format in ("dicom-seg", "both"), output_format in ("nifti", "both")
+    if seg_out and any(c.series is None for c in cases):
+        raise MedsegError(f"{inputs}: --output-format {output_format} needs DICOM input (a DICOM SEG references "
+                          "its source instances)")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     stages = [load_stage(workdir, plans, m, member_folds[m], device) for m in members]
     pp = chosen.postprocessing.model_dump() if chosen and postprocess else None
     threshold = chosen.qc.threshold if chosen and chosen.qc else None
     written = []
-    todo = [c for c in cases if overwrite or not (output / f"{c.case_id}{c.suffix}").exists()]
+    def main_output(c: InputCase) -> Path:
+        return output / (f"{c.case_id}{c.suffix}" if nifti_out else f"{c.case_id}.dcm")
+
+    todo = [c for c in cases if overwrite or not main_output(c).exists()]
     if len(todo) < len(cases):
         log.info("skipping %d case(s) already predicted (use --overwrite to redo)", len(cases) - len(todo))
     rows = []
@@ -250,12 +285,19 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
         if save_attention:
             write_image(output / f"{case.case_id}_attention{case.suffix}", np.mean([p.attention for p in preds], 0),
                         geometry, np.float32)
-        write_image(out_path, seg, geometry, np.uint8)
+        if seg_out:
+            from medseg.io.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(output / f"{case.case_id}.dcm", case.series, seg, plans.labels,
+                            model_name=f"medseg {plans.dataset_name} {'+'.join(members)}")
+        if nifti_out:
+            write_image(out_path, seg, geometry, np.uint8)
         score = float(np.mean(pred.qc_scores))
-        rows.append({"case": case.case_id, "qc_score": score,
+        rows.append({"case": case.case_id, "source": case.series.label() if case.series else str(case.files[0]),
+                     "qc_score": score,
                      "flagged": bool(threshold is not None and score > threshold),
                      "foreground_voxels": int((seg > 0).sum())})
-        written.append(out_path)
+        written.append(main_output(case))
     if rows:
         _write_summary(output, rows, members, threshold)
     return written

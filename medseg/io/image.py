@@ -117,7 +117,11 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
-    img = sitk.ReadImage(str(path))
+    return from_sitk(sitk.ReadImage(str(path)), path)
+
+
+def from_sitk(img: sitk.Image, path: Path | str) -> tuple[np.ndarray, Geometry]:
+    """A SimpleITK image (LPS) → ``(C, X, Y, Z)`` array + RAS :class:`Geometry`; ``path`` names it in errors."""
     arr = sitk.GetArrayFromImage(img)  # (Z, Y, X[, C])
     dim = img.GetDimension()
     if img.GetNumberOfComponentsPerPixel() > 1:
