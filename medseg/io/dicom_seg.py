@@ -22,7 +22,6 @@ from medseg.errors import DatasetError
 from medseg.io.dicom import Series, check_series
 from medseg.utils import atomic_path
 
-
 TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
