@@ -204,6 +204,16 @@ def evaluate(
 
 
 @app.command()
+def serve(config: Path = typer.Argument(..., help="Node configuration (JSON): ae_title, port, allowed_calling_aets, "
+                                                   "destination, model_dir, spool_dir, series, idle_timeout_s, "
+                                                   "concurrency.")) -> None:
+    """Run a DICOM node: receive series from a PACS, segment each complete series, send back DICOM SEG."""
+    from medseg.deploy.node import Node, NodeConfig
+
+    Node(NodeConfig.load(config)).serve_forever()
+
+
+@app.command()
 def demo(
     output: Path = typer.Option(Path("demo_output"), "-o", "--output", help="Where to write everything."),
     minutes: float = typer.Option(3.0, "--minutes", help="Training time budget."),

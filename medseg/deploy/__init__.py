@@ -1,0 +1,1 @@
+"""Deployment: the DICOM node for a PACS."""
