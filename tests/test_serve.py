@@ -57,6 +57,10 @@ def orthanc(tmp_path_factory):
               "DicomServerEnabled": True, "DicomAet": "ORTHANC", "DicomPort": dicom, "DicomCheckCalledAet": False,
               "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
               "DicomModalities": {"medseg": ["MEDSEG", "127.0.0.1", node]}}
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if plugin.exists():  # for the STOW-RS destination
+        config["Plugins"] = [str(plugin)]
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
     (root / "orthanc.json").write_text(json.dumps(config))
     proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{http}"
@@ -68,7 +72,7 @@ def orthanc(tmp_path_factory):
             return None
 
     _wait(up, 30, "Orthanc")
-    yield {"base": base, "dicom_port": dicom, "node_port": node}
+    yield {"base": base, "dicom_port": dicom, "node_port": node, "stow": plugin.exists()}
     proc.terminate()
     proc.wait(30)
 
@@ -262,3 +266,24 @@ def test_load_eight_senders(node, orthanc, shared_data_dir, tmp_path):
     print(f"load: {senders} senders x {per_sender} series, {instances} instances, lost 0, {wall:.1f} s")
     (Path(os.environ.get("MEDSEG_LOAD_REPORT", tmp_path / "load.json"))).write_text(json.dumps(
         {"senders": senders, "series": len(work), "instances": instances, "lost": 0, "wall_s": wall}))
+
+
+def test_stow_rs_destination(orthanc, model, shared_data_dir, tmp_path):
+    if not orthanc["stow"]:
+        pytest.skip("Orthanc's DICOMweb plugin is not installed")
+    port = _free_port()
+    config = {"ae_title": "MEDSEG", "host": "127.0.0.1", "port": port, "allowed_calling_aets": ["LOADTEST"],
+              "destination": {"stow_url": orthanc["base"] + "/dicom-web/studies"}, "model_dir": str(model),
+              "spool_dir": str(tmp_path / "spool"), "idle_timeout_s": 0.5, "tta": False}
+    (tmp_path / "stow.json").write_text(json.dumps(config))
+    n = NodeProcess(tmp_path / "stow.json", tmp_path / "stow.log")
+    try:
+        n.proc = subprocess.Popen([sys.executable, "-m", "medseg", "serve", str(tmp_path / "stow.json")],
+                                  stdout=open(tmp_path / "stow.log", "ab"), stderr=subprocess.STDOUT)
+        _wait(lambda: _echo(port, "LOADTEST"), 60, "medseg serve")
+        (uid, datasets), = _copies(shared_data_dir / "dicom" / "hippocampus-mr" / "Study2", 1, tmp_path)
+        assert _send(port, datasets) == len(datasets)
+        (seg,) = _wait(lambda: _segs_of(orthanc, uid), 120, "the SEG stored by STOW-RS")
+        assert seg.Modality == "SEG"
+    finally:
+        n.stop()
