@@ -30,3 +30,19 @@ def shared_data_dir() -> Path:
     if path is None:
         pytest.skip("shared data folder not found (set MEDSEG_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A work directory with a 3d_fullres model (1 input channel "MRI", labels 0/1/2) trained for one
+    epoch on a synthetic 4-case dataset, fold 0. Shared by the tests that only read it."""
+    from helpers import make_msd_dataset
+    from test_training import _tiny_plan
+
+    from medseg.training.loop import train_fold
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    ds = make_msd_dataset(root / "ds", n_cases=4)
+    _tiny_plan(ds, root / "wd")
+    train_fold(root / "wd", "3d_fullres", 0, epochs=1, validate_full=False)
+    return root / "wd"

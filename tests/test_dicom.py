@@ -157,22 +157,14 @@ def test_written_seg_round_trips_and_describes_segments(shared_data_dir, tmp_pat
     assert referenced == {s.sop_instance_uid for s in ct.slices}
 
 
-def test_predict_dicom_series_to_nifti_and_seg(shared_data_dir, tmp_path):
+def test_predict_dicom_series_to_nifti_and_seg(shared_data_dir, tiny_model, tmp_path):
     """The hippocampus crop series of Study1/Study2, predicted from DICOM: a NIfTI in the series'
     geometry and a DICOM SEG whose mask equals it voxel for voxel."""
-    from helpers import make_msd_dataset
-    from test_training import _tiny_plan
-
-    from medseg.training.loop import train_fold
-
-    ds = make_msd_dataset(tmp_path / "ds", n_cases=4)
-    _tiny_plan(ds, tmp_path / "wd")
-    train_fold(tmp_path / "wd", "3d_fullres", 0, epochs=1, validate_full=False)
     root = shared_data_dir / "dicom" / "hippocampus-mr"
     inputs = tmp_path / "in"
     for study in ("Study1", "Study2"):
         shutil.copytree(root / study, inputs / study)
-    result = run_medseg("predict", "-i", inputs, "-o", tmp_path / "out", "-m", tmp_path / "wd", "--no-tta",
+    result = run_medseg("predict", "-i", inputs, "-o", tmp_path / "out", "-m", tiny_model, "--no-tta",
                         "--output-format", "both")
     assert result.returncode == 0, result.stderr
     series = [s for s in find_series(inputs) if s.is_image]
@@ -186,5 +178,5 @@ def test_predict_dicom_series_to_nifti_and_seg(shared_data_dir, tmp_path):
         assert np.array_equal(seg, np.asanyarray(out.dataobj))
     summary = json.loads((tmp_path / "out" / "predict_summary.json").read_text())
     assert all("HippoCrop" in row["source"] for row in summary["cases"])
-    refused = run_medseg("predict", "-i", root, "-o", tmp_path / "out3", "-m", tmp_path / "wd")
+    refused = run_medseg("predict", "-i", root, "-o", tmp_path / "out3", "-m", tiny_model)
     assert refused.returncode == 2 and "Candidates:" in refused.stderr and refused.stderr.count("\n") == 1

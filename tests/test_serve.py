@@ -78,17 +78,8 @@ def orthanc(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from helpers import make_msd_dataset
-    from test_training import _tiny_plan
-
-    from medseg.training.loop import train_fold
-
-    root = tmp_path_factory.mktemp("model")
-    ds = make_msd_dataset(root / "ds", n_cases=4)
-    _tiny_plan(ds, root / "wd")
-    train_fold(root / "wd", "3d_fullres", 0, epochs=1, validate_full=False)
-    return root / "wd"
+def model(tiny_model):
+    return tiny_model
 
 
 class NodeProcess:
@@ -205,17 +196,33 @@ def _copies(source: Path, n: int, out: Path) -> list[tuple[str, list[pydicom.Dat
     return series
 
 
-def _send(port: int, datasets: list[pydicom.Dataset], calling: str = "LOADTEST") -> int:
+def _send(port: int, datasets: list[pydicom.Dataset], calling: str = "LOADTEST", attempts: int = 3) -> int:
+    """C-STORE every dataset; like a PACS, instances not acknowledged (an aborted association, e.g.
+    on a starved machine) are sent again on a new association. Returns how many were acknowledged."""
     from pynetdicom import AE
 
     ae = AE(ae_title=calling)
     ae.dimse_timeout = ae.network_timeout = 120
     ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEG")
-    assert assoc.is_established
-    ok = sum(1 for ds in datasets if (st := assoc.send_c_store(ds)) and st.Status == 0)
-    assoc.release()
-    return ok
+    todo = list(datasets)
+    for _ in range(attempts):
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEG")
+        if not assoc.is_established:
+            continue
+        left = []
+        for ds in todo:
+            try:
+                status = assoc.send_c_store(ds) if assoc.is_established else None
+            except RuntimeError:  # the association went away under us
+                status = None
+            if not status or status.Status != 0:
+                left.append(ds)
+        if assoc.is_established:
+            assoc.release()
+        todo = left
+        if not todo:
+            break
+    return len(datasets) - len(todo)
 
 
 def test_kill_9_loses_nothing_and_processes_once(node, orthanc, shared_data_dir, tmp_path):
