@@ -61,6 +61,29 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def load_json_model(cls, path: str | Path, *, missing: str = "file not found", schema_version: int | None = None,
+                    error: type[MedsegError] = MedsegError):
+    """Read ``path`` into the pydantic model ``cls``; any problem (missing file, invalid JSON, wrong
+    ``schema_version``, a field that does not validate) becomes one ``error`` line naming the file."""
+    from pydantic import ValidationError
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if schema_version is not None and raw.get("schema_version") != schema_version:
+        raise error(f"{path}: schema_version {raw.get('schema_version')} is not supported "
+                    f"(this medseg reads {schema_version})")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise error(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
+
+
 def look_up(name: str, options: Iterable[str], what: str) -> str:
     """Return ``name`` if it is one of ``options``; else raise with a 'did you mean' hint."""
     options = list(options)

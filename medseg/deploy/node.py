@@ -22,7 +22,7 @@ Logs name series by a short hash of their UID and never print patient names or I
 from __future__ import annotations
 
 import hashlib
-import json
+import io
 import logging
 import os
 import shutil
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from medseg.errors import MedsegError
 
@@ -72,16 +72,9 @@ class NodeConfig(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
-        path = Path(path)
-        try:
-            config = cls.model_validate(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise MedsegError(f"{path}: configuration file not found") from None
-        except json.JSONDecodeError as exc:
-            raise MedsegError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise MedsegError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
+        from medseg.utils import load_json_model
+
+        config = load_json_model(cls, path, missing="configuration file not found")
         d = config.destination
         if not d.stow_url and not (d.ae_title and d.port):
             raise MedsegError(f"{path}: destination needs ae_title + port (C-STORE) or stow_url (STOW-RS)")
@@ -178,8 +171,6 @@ class Node:
         ds.file_meta = event.file_meta
         series_uid, sop_uid = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
         try:
-            import io
-
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             self.spool.store(series_uid, sop_uid, buf.getvalue())

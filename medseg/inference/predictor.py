@@ -172,6 +172,7 @@ class CasePrediction:
     probabilities: np.ndarray
     qc_scores: list[float] = field(default_factory=list)
     attention: np.ndarray | None = None
+    bbox: list[list[int]] | None = None  # the preprocessing crop; every channel but 0 is 0 outside it
 
     @property
     def segmentation(self) -> np.ndarray:
@@ -192,7 +193,7 @@ def predict_case(stage: Stage, image: np.ndarray, geometry, *, step: float = 0.5
     scores: list[float] = []
     probs = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
                            qc_scores=scores)
-    out = CasePrediction(export_probability_maps(probs, props, config), scores)
+    out = CasePrediction(export_probability_maps(probs, props, config), scores, bbox=props["bbox"])
     if attention:
         maps = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
                               attention=True)

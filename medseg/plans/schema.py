@@ -6,14 +6,13 @@ the file and re-run. Unknown keys are rejected (``extra="forbid"``) so that typo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medseg.errors import PlanError
-from medseg.utils import atomic_write_text
+from medseg.utils import atomic_write_text, load_json_model
 
 SCHEMA_VERSION = 1
 ConfigName = Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
@@ -177,22 +176,8 @@ class Plans(_Model):
 
     @classmethod
     def load(cls, path: Path) -> Plans:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"{path}: plans file not found; run `medseg plan` first")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
-        version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise PlanError(f"{path}: schema_version {version} is not supported (this medseg reads {SCHEMA_VERSION})")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise PlanError(f"{path}: {loc}: {err['msg']}") from exc
+        return load_json_model(cls, path, missing="plans file not found; run `medseg plan` first",
+                               schema_version=SCHEMA_VERSION, error=PlanError)
 
 
 MODEL_SCHEMA_VERSION = 1
@@ -236,15 +221,5 @@ class ChosenModel(_Model):
 
     @classmethod
     def load(cls, path: Path) -> ChosenModel:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-            if raw.get("schema_version") != MODEL_SCHEMA_VERSION:
-                raise PlanError(f"{path}: schema_version {raw.get('schema_version')} is not supported "
-                                f"(this medseg reads {MODEL_SCHEMA_VERSION})")
-            return cls.model_validate(raw)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise PlanError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
+        return load_json_model(cls, path, missing="model file not found; run `medseg find-best` first",
+                               schema_version=MODEL_SCHEMA_VERSION, error=PlanError)

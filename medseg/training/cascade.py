@@ -58,11 +58,13 @@ def build_priors(workdir: Path, plans: Plans, config: Configuration) -> Path:
     out = Path(workdir) / "priors" / prev
     out.mkdir(parents=True, exist_ok=True)
     ids = sorted(p.stem for p in data.glob("*.json"))
+    sources = {c: oof_path(workdir, prev, c) for c in ids}
     todo = [c for c in ids if not (out / f"{c}.npy").exists()
-            or (out / f"{c}.npy").stat().st_mtime < oof_path(workdir, prev, c).stat().st_mtime]
+            or (out / f"{c}.npy").stat().st_mtime < sources[c].stat().st_mtime]
     for cid in track(todo, total=len(todo), description=f"priors from {prev}", enabled=bool(todo)):
         props = load_properties(data, cid)
-        seg = preprocess_label(oof_segmentation(workdir, prev, cid), props, config, sorted(plans.labels))
+        oof = read_image(sources[cid])[0][0].astype(np.int16)
+        seg = preprocess_label(oof, props, config, sorted(plans.labels))
         buf = io.BytesIO()
         np.save(buf, seg[None].astype(np.int8))
         atomic_write_bytes(out / f"{cid}.npy", buf.getvalue())

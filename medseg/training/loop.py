@@ -246,7 +246,6 @@ def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path,
     from medseg.inference.probabilities import save_probabilities
     from medseg.io.dataset import load_dataset
     from medseg.io.image import write_image
-    from medseg.preprocessing.pipeline import load_properties
     from medseg.progress import track
 
     source = json.loads((workdir / "source.json").read_text())
@@ -259,7 +258,6 @@ def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path,
     ref = run / "val_reference"
     ref.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    folder = preprocessed_dir(workdir, config.data_config)
     for cid in track(val_ids, total=len(val_ids), description="validate", enabled=progress):
         case = ds.case(cid)
         image, geometry = read_input(InputCase(cid, case.images, ".nii.gz"), len(plans.channel_names))
@@ -269,9 +267,7 @@ def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path,
 
             prior = oof_segmentation(workdir, plans.config(config.previous_stage).key, cid)
         pred = predict_case(stage, image, geometry, device=device, prior=prior)
-        bbox = load_properties(folder, cid)["bbox"] if (folder / f"{cid}.json").exists() else None
-        save_probabilities(out / f"{cid}.npz", pred.probabilities,
-                           bbox or [[0, s] for s in pred.probabilities.shape[1:]], qc_score=pred.qc_scores[0])
+        save_probabilities(out / f"{cid}.npz", pred.probabilities, pred.bbox, qc_score=pred.qc_scores[0])
         write_image(out / f"{cid}.nii.gz", pred.segmentation, geometry, np.uint8)
         lab_link = ref / f"{cid}{case.label.name[len(cid):]}"
         if not lab_link.exists():
