@@ -56,7 +56,7 @@ class OutOfFold:
         self.workdir = Path(workdir)
         source = json.loads((self.workdir / "source.json").read_text())
         ds = load_dataset(source["dataset"])
-        self.labels_of = {c.case_id: c.label for c in ds.cases}
+        self.cases = {c.case_id: c for c in ds.cases}
         self.paths: dict[str, dict[str, Path]] = {}
         self.folds: dict[str, list[int]] = {}
         for key in keys:
@@ -103,10 +103,10 @@ class OutOfFold:
         return load_qc_score(self.paths[key][case_id])
 
     def reference(self, case_id: str) -> tuple[np.ndarray, Sequence[float]]:
-        from medseg.io.image import read_image
+        from medseg.io.dataset import read_case_label
 
-        array, geometry = read_image(self.labels_of[case_id])
-        return np.rint(array[0]).astype(np.int16), geometry.spacing
+        array, geometry = read_case_label(self.cases[case_id])
+        return array, geometry.spacing
 
 
 def candidates_of(keys: Sequence[str]) -> list[Candidate]:

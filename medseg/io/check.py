@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import DatasetError
-from medseg.io.dataset import Case, Dataset
+from medseg.io.dataset import Case, Dataset, read_label_file
 from medseg.io.image import Geometry, read_image
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def check_case(case: Case, num_channels: int, labels: Iterable[int]) -> list[str
         problems.append(f"{where}: label file missing" + ("" if label_path is not None else " (none listed)"))
         return problems
     try:
-        label, geometry = read_image(label_path)
+        label, geometry = read_label_file(label_path, case.images)
     except DatasetError as exc:
         problems.append(str(exc))
         return problems

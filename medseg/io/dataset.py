@@ -1,12 +1,17 @@
 """Dataset layouts: MSD (``dataset.json`` with ``modality``/``training``), nnU-Net v2
 (``channel_names``, ``labels`` name→int, ``_0000`` channel files) and a plain
 ``imagesTr/`` + ``labelsTr/`` folder with no json (channels and labels inferred).
+
+A case image may also be a folder holding one DICOM series (``imagesTr/<case>/``, or
+``<case>_0000/`` … per channel), and its label a DICOM SEG (``labelsTr/<case>.dcm``) that
+references that series, as well as any label image in the series' geometry.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,6 +22,7 @@ from medseg.errors import DatasetError
 from medseg.io.image import Geometry, image_suffix, read_image
 
 Layout = Literal["msd", "nnunetv2", "plain"]
+LABEL_SUFFIXES = (".nii.gz", ".nrrd", ".mha", ".nii", ".dcm")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
@@ -125,9 +131,9 @@ def _scan_channel_files(root: Path, ending: str, n_channels: int) -> list[Case]:
         raise DatasetError(f"{images_dir}: folder not found")
     by_case: dict[str, dict[int, Path]] = {}
     for f in sorted(images_dir.iterdir()):
-        if not f.name.endswith(ending) or f.name.startswith("."):
+        if f.name.startswith(".") or (not f.name.endswith(ending) if ending else not f.is_dir()):
             continue
-        m = _CHANNEL_RE.match(f.name[: -len(ending)])
+        m = _CHANNEL_RE.match(f.name[: -len(ending)] if ending else f.name)  # no ending: DICOM series folders
         if m is None:
             raise DatasetError(f"{f}: image name lacks the _XXXX channel suffix of the nnU-Net v2 layout")
         by_case.setdefault(m["case"], {})[int(m["ch"])] = f
@@ -140,6 +146,9 @@ def _scan_channel_files(root: Path, ending: str, n_channels: int) -> list[Case]:
         if extra:
             raise DatasetError(f"{channels[extra[0]]}: channel {extra[0]} beyond the {n_channels} declared")
         label = root / "labelsTr" / f"{case_id}{ending}"
+        if not ending:  # DICOM folders: a label image or a DICOM SEG
+            label = next((label.with_name(f"{case_id}{s}") for s in LABEL_SUFFIXES
+                          if label.with_name(f"{case_id}{s}").exists()), label.with_name(f"{case_id}.nii.gz"))
         cases.append(Case(case_id, [channels[c] for c in range(n_channels)], label))
     if not cases:
         raise DatasetError(f"{images_dir}: no images ending in {ending}")
@@ -148,10 +157,13 @@ def _scan_channel_files(root: Path, ending: str, n_channels: int) -> list[Case]:
 
 def _load_plain(root: Path) -> Dataset:
     images_dir = root / "imagesTr"
-    files = sorted(f for f in images_dir.iterdir() if image_suffix(f) and not f.name.startswith("."))
+    files = sorted(f for f in images_dir.iterdir() if (image_suffix(f) or f.is_dir()) and not f.name.startswith("."))
     if not files:
-        raise DatasetError(f"{images_dir}: no images ({', '.join(('.nii.gz', '.nrrd', '.mha'))} …)")
+        raise DatasetError(f"{images_dir}: no images ({', '.join(('.nii.gz', '.nrrd', '.mha'))} …) "
+                           "and no DICOM series folders")
     ending = image_suffix(files[0])
+    if any(bool(image_suffix(f)) != bool(ending) for f in files):
+        raise DatasetError(f"{images_dir}: mixes image files and DICOM series folders; use one kind")
     notes = []
     if all(_CHANNEL_RE.match(strip_suffix(f.name)) for f in files):
         n_channels = len({_CHANNEL_RE.match(strip_suffix(f.name))["ch"] for f in files})
@@ -161,22 +173,64 @@ def _load_plain(root: Path) -> Dataset:
         cases = []
         for f in files:
             case_id = strip_suffix(f.name)
-            label = next((root / "labelsTr" / f"{case_id}{s}" for s in (image_suffix(f), ".nii.gz", ".nrrd", ".mha")
-                          if (root / "labelsTr" / f"{case_id}{s}").exists()), root / "labelsTr" / f.name)
+            label = next((root / "labelsTr" / f"{case_id}{s}" for s in (image_suffix(f), *LABEL_SUFFIXES)
+                          if s and (root / "labelsTr" / f"{case_id}{s}").exists()),
+                         root / "labelsTr" / f"{case_id}{ending or '.nii.gz'}")
             cases.append(Case(case_id, [f], label))
         first, _ = read_image(files[0])
         n_channels = first.shape[0]
         notes.append(f"inferred {n_channels} channel(s) from {files[0].name}")
     values: set[int] = set()
+    names: dict[int, str] = {}
     for case in cases:
         if case.label is not None and case.label.exists():
+            if is_dicom_seg(case.label):  # segment numbers and names from the SEG's headers
+                from medseg.io.dicom_seg import segment_labels
+
+                segments = segment_labels(case.label)
+                values.update(segments)
+                names.update({k: v for k, v in segments.items() if k not in names})
+                continue
             arr, _ = read_image(case.label)
             values.update(int(v) for v in np.unique(arr) if float(v).is_integer())
     values.add(0)
-    labels = {v: ("background" if v == 0 else f"label_{v}") for v in sorted(values)}
+    labels = {v: ("background" if v == 0 else names.get(v, f"label_{v}")) for v in sorted(values)}
     notes.append(f"inferred labels {sorted(values)} from the label files")
-    notes.append("assumed non-CT channels (per-image z-score); add a dataset.json to declare modalities")
-    return Dataset(root, "plain", [f"channel_{i}" for i in range(n_channels)], labels, cases, notes)
+    if ending:
+        channel_names = [f"channel_{i}" for i in range(n_channels)]
+        notes.append("assumed non-CT channels (per-image z-score); add a dataset.json to declare modalities")
+    else:  # DICOM folders: the channel is named by the series' modality (CT → CT normalisation)
+        channel_names = [_series_modality(c) for c in cases[0].images]
+        notes.append(f"channel(s) {channel_names} named by the DICOM Modality of case {cases[0].case_id}")
+    return Dataset(root, "plain", channel_names, labels, cases, notes)
+
+
+def _series_modality(folder: Path) -> str:
+    from medseg.io.dicom import folder_series
+
+    return folder_series(folder).modality or "channel"
+
+
+def is_dicom_seg(path: Path) -> bool:
+    """Whether a label path is a DICOM SEG file (by its ``.dcm`` suffix)."""
+    return Path(path).name.lower().endswith(".dcm")
+
+
+def read_label_file(path: Path, images: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
+    """A label file as ``(1, X, Y, Z)`` in its stored dtype and its geometry: an image file, or a DICOM
+    SEG decoded onto the grid of the case's DICOM series folder (``images[0]``)."""
+    path = Path(path)
+    if not is_dicom_seg(path):
+        return read_image(path)
+    from medseg.io.dicom import folder_series, series_geometry
+    from medseg.io.dicom_seg import read_dicom_seg
+
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    if not images or not Path(images[0]).is_dir():
+        raise DatasetError(f"{path}: a DICOM SEG label needs the case image to be a DICOM series folder")
+    series = folder_series(Path(images[0]))
+    return read_dicom_seg(path, series)[None], series_geometry(series)
 
 
 def read_case_image(case: Case) -> tuple[np.ndarray, Geometry]:
@@ -196,7 +250,7 @@ def read_case_label(case: Case) -> tuple[np.ndarray, Geometry]:
     """The label map as int16 ``(X, Y, Z)``; values are rounded (``check`` rejects non-integers)."""
     if case.label is None or not case.label.exists():
         raise DatasetError(f"{case.label or case.case_id}: label file missing")
-    arr, geo = read_image(case.label)
+    arr, geo = read_label_file(case.label, case.images)
     if arr.shape[0] != 1:
         raise DatasetError(f"{case.label}: label map has {arr.shape[0]} channels; expected 1")
     return np.rint(arr[0]).astype(np.int16), geo

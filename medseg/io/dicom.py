@@ -164,9 +164,8 @@ def read_series(series: Series) -> tuple[np.ndarray, Geometry]:
     normal, in stored order of increasing position) and its RAS geometry; rescale applied."""
     import SimpleITK as sitk
 
-    from medseg.io.image import _LPS_TO_RAS
-
     ordered, spacing = check_series(series)
+    geometry = _geometry(ordered, spacing)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in ordered])
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -176,13 +175,47 @@ def read_series(series: Series) -> tuple[np.ndarray, Geometry]:
         raise DatasetError(f"{series.folder}: {series.label()}: cannot read pixels "
                            f"({str(exc).strip().splitlines()[-1][:160]})") from exc
     arr = np.moveaxis(sitk.GetArrayFromImage(img), [0, 1, 2], [2, 1, 0])[None]  # (1, X, Y, Z)
+    if tuple(arr.shape[1:]) != geometry.shape:
+        raise DatasetError(f"{series.folder}: {series.label()}: pixel data {arr.shape[1:]} does not match the "
+                           f"headers {geometry.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float32), geometry
+
+
+def series_geometry(series: Series) -> Geometry:
+    """The RAS geometry :func:`read_series` gives ``series``, from the headers alone."""
+    return _geometry(*check_series(series))
+
+
+def _geometry(ordered: Sequence[Slice], spacing: Sequence[float]) -> Geometry:
+    from medseg.io.image import _LPS_TO_RAS
+
     row, col = ordered[0].orientation[:3], ordered[0].orientation[3:]
     normal = np.cross(row, col)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * spacing[0], col * spacing[1], normal * spacing[2]
     lps[:3, 3] = ordered[0].position
-    geometry = Geometry(tuple(int(s) for s in arr.shape[1:]), tuple(float(s) for s in spacing), _LPS_TO_RAS @ lps)
-    return np.ascontiguousarray(arr, dtype=np.float32), geometry
+    shape = (ordered[0].columns, ordered[0].rows, len(ordered))
+    return Geometry(shape, tuple(float(s) for s in spacing), _LPS_TO_RAS @ lps)
+
+
+def folder_series(folder: Path) -> Series:
+    """The one image series of a dataset case folder; raises naming the folder when it holds none or
+    several (a case folder is one channel of one case)."""
+    found = find_series(folder)
+    images = [s for s in found if s.is_image]
+    if not images:
+        what = f"only non-image DICOM objects ({len(found)} series)" if found else "no DICOM files"
+        raise DatasetError(f"{folder}: {what}; a case folder must hold one DICOM image series")
+    if len(images) > 1:
+        raise DatasetError(f"{folder}: {len(images)} DICOM image series; a case folder must hold one "
+                           "(one folder per channel: <case>_0000/, <case>_0001/ …): "
+                           + "; ".join(s.label() for s in images))
+    return images[0]
+
+
+def read_series_folder(folder: Path) -> tuple[np.ndarray, Geometry]:
+    """:func:`read_series` of the one image series in ``folder`` (see :func:`folder_series`)."""
+    return read_series(folder_series(folder))
 
 
 @dataclass

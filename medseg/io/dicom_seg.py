@@ -126,3 +126,17 @@ def _frames_on_source_positions(seg, positions: Mapping[str, np.ndarray], tol_mm
                 if ref is not None and np.abs(ref - where).max() > tol_mm:
                     return False
     return True
+
+
+def segment_labels(path: Path) -> dict[int, str]:
+    """A DICOM SEG's segments as ``{segment number: SegmentLabel}`` (headers only)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises several types for foreign or broken files
+        raise DatasetError(f"{path}: cannot read DICOM SEG ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    if str(ds.get("Modality", "")) != "SEG" or "SegmentSequence" not in ds:
+        raise DatasetError(f"{path}: not a DICOM SEG (Modality {ds.get('Modality', '?')})")
+    return {int(item.SegmentNumber): str(item.get("SegmentLabel", f"segment_{item.SegmentNumber}"))
+            for item in ds.SegmentSequence}

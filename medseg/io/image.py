@@ -77,11 +77,16 @@ def _fmt(values) -> str:
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read any supported image as ``(C, X, Y, Z)`` in its stored dtype plus its geometry.
 
-    A 4D NIfTI (or a vector-valued ITK image) gives C > 1; a 2D image gets a singleton Z axis.
+    A 4D NIfTI (or a vector-valued ITK image) gives C > 1; a 2D image gets a singleton Z axis. A
+    folder is read as the one DICOM image series it holds (:func:`medseg.io.dicom.read_series`).
     Raises :class:`DatasetError` naming the file on anything unreadable.
     """
     path = Path(path)
     suffix = image_suffix(path)
+    if path.is_dir() and not suffix:  # a dataset case as a folder holding one DICOM series
+        from medseg.io.dicom import read_series_folder
+
+        return read_series_folder(path)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     try:
