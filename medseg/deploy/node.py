@@ -163,6 +163,8 @@ class Node:
         self.stop_event = threading.Event()
         self.server = None
         self._assoc_series: dict[int, set[str]] = {}
+        self._model = None  # the LoadedModel, loaded on the first series and kept
+        self._model_lock = threading.Lock()
 
     # ------------------------------------------------------------------ receiving
 
@@ -261,10 +263,20 @@ class Node:
         if work.exists():
             shutil.rmtree(work)
         written = predict_folder(folder, work, self.config.model_dir, output_format="dicom-seg", series=self.config.series,
-                                 tta=self.config.tta, device=self.config.device, overwrite=True)
+                                 tta=self.config.tta, overwrite=True, model=self._loaded_model())
         out = folder / "out"
         os.replace(work, out)  # one rename: the SEGs exist completely or not at all
         return [out / p.name for p in written]
+
+    def _loaded_model(self):
+        """The model, read from ``model_dir`` once (threads share it: inference only reads it)."""
+        from medseg.inference.predictor import LoadedModel
+
+        with self._model_lock:
+            if self._model is None:
+                self._model = LoadedModel.load(self.config.model_dir, device=self.config.device)
+                log.info("model loaded from %s: %s", self.config.model_dir, "+".join(self._model.members))
+            return self._model
 
     def _send(self, path: Path) -> None:
         d = self.config.destination

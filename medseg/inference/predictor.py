@@ -228,23 +228,49 @@ def _chosen_model(workdir: Path, plans: Plans, config_name: str | None,
     return [key], {key: folds}, None
 
 
+@dataclass
+class LoadedModel:
+    """A work directory's model in memory: what :func:`predict_folder` runs (configurations, folds,
+    postprocessing). Load it once to predict many inputs (``medseg serve`` does)."""
+
+    workdir: Path
+    plans: Plans
+    members: list[str]
+    chosen: ChosenModel | None
+    stages: list[Stage]
+    device: str
+
+    @classmethod
+    def load(cls, workdir: Path, *, config_name: str | None = None, folds: list[int | str] | None = None,
+             device: str = "cpu") -> LoadedModel:
+        workdir = Path(workdir)
+        plans = Plans.load(workdir / "plans.json")
+        members, member_folds, chosen = _chosen_model(workdir, plans, config_name, folds)
+        stages = [load_stage(workdir, plans, m, member_folds[m], device) for m in members]
+        return cls(workdir, plans, members, chosen, stages, device)
+
+
 def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: str | None = None,
                    folds: list[int | str] | None = None, step: float = 0.5, tta: bool = True,
                    save_probabilities: bool = False, save_attention: bool = False, save_uncertainty: bool = False,
                    postprocess: bool = True, overwrite: bool = False, device: str = "cpu",
-                   progress: bool = False, series: str | None = None, output_format: str = "nifti") -> list[Path]:
+                   progress: bool = False, series: str | None = None, output_format: str = "nifti",
+                   model: LoadedModel | None = None) -> list[Path]:
     """Predict every image in ``inputs`` (file or folder) into ``output`` with the trained model in
     ``workdir``. Cases whose output exists are skipped unless ``overwrite``. ``save_attention`` writes
     each case's attention coefficients as ``<case>_attention`` (one volume per gate) beside it;
     ``save_uncertainty`` the normalised predictive entropy as ``<case>_uncertainty``. Every run
     writes ``predict_summary.json``/``.csv``: each case's QC score and whether it is flagged.
     ``output_format`` ``dicom-seg`` (or ``both``) writes ``<case>.dcm``, a DICOM SEG referencing the
-    source series, for DICOM inputs (``series`` selects them, see :class:`medseg.io.dicom.SeriesSelector`)."""
+    source series, for DICOM inputs (``series`` selects them, see :class:`medseg.io.dicom.SeriesSelector`).
+    ``model``: an already loaded :class:`LoadedModel` of ``workdir`` (then ``config_name``, ``folds``
+    and ``device`` are its own)."""
     from medseg.progress import track
 
     workdir = Path(workdir)
-    plans = Plans.load(workdir / "plans.json")
-    members, member_folds, chosen = _chosen_model(workdir, plans, config_name, folds)
+    if model is None:
+        model = LoadedModel.load(workdir, config_name=config_name, folds=folds, device=device)
+    plans, members, chosen, stages, device = model.plans, model.members, model.chosen, model.stages, model.device
     if save_attention:
         ungated = [m for m in members if not plans.config(m).architecture.blocks.attention_gates]
         if ungated:
@@ -260,7 +286,6 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
                           "its source instances)")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    stages = [load_stage(workdir, plans, m, member_folds[m], device) for m in members]
     pp = chosen.postprocessing.model_dump() if chosen and postprocess else None
     threshold = chosen.qc.threshold if chosen and chosen.qc else None
     written = []
