@@ -29,6 +29,7 @@ def _trainer(dataset: str, configuration: str, fold: int, plans_id: str):
     name = maybe_convert_to_dataset_name(dataset)
     folder = join(nnUNet_preprocessed, name)
     plans = load_json(join(folder, plans_id + ".json"))
+    plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
     dataset_json = load_json(join(folder, "dataset.json"))
     torch.set_num_threads(os.cpu_count() or 1)  # as nnUNetv2_train does for -device cpu
     return nnUNetTrainer(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,

@@ -136,7 +136,8 @@ def predict(
                                help="Configuration (default: model.json from `medseg find-best`, else 3d_fullres)."),
     folds: str = typer.Option(None, "-f", "--folds",
                               help="Comma-separated folds, or 'full' (default: model.json's, else all finished)."),
-    no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirroring test-time augmentation."),
+    tta: bool | None = typer.Option(None, "--tta/--no-tta", help="Mirroring test-time augmentation (default: as "
+                                    "model.json decided on cross-validation, else on)."),
     step: float = typer.Option(0.5, "--step", help="Sliding-window step as a fraction of the patch."),
     save_probabilities: bool = typer.Option(False, "--save-probabilities"),
     save_attention: bool = typer.Option(False, "--save-attention",
@@ -160,7 +161,7 @@ def predict(
     fold_list = None
     if folds:
         fold_list = [f if not f.isdigit() else int(f) for f in _configs(folds)]
-    written = predict_folder(input, output, model, config_name=config, folds=fold_list, step=step, tta=not no_tta,
+    written = predict_folder(input, output, model, config_name=config, folds=fold_list, step=step, tta=tta,
                              save_probabilities=save_probabilities, save_attention=save_attention,
                              save_uncertainty=save_uncertainty, postprocess=not no_postprocessing,
                              series=series, output_format=output_format,

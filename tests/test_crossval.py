@@ -75,6 +75,41 @@ def test_find_best_writes_model_json_and_report(cross_validated):
     assert "2d + 3d_fullres" in report and chosen.qc is not None
 
 
+def test_find_best_decides_mirroring_on_out_of_fold_predictions_without_it(cross_validated, tmp_path):
+    splits = json.loads((cross_validated / "splits.json").read_text())
+    for key in ("2d", "3d_fullres"):
+        for k, split in enumerate(splits):
+            plain = cross_validated / "runs" / key / f"fold_{k}" / "val_no_mirroring"
+            assert sorted(p.stem for p in plain.glob("*.npz")) == sorted(split["val"])
+    chosen, report = find_best(cross_validated)
+    inf = chosen.inference
+    assert inf.dice_with_mirroring is not None and inf.dice_without_mirroring is not None
+    assert inf.mirroring == (inf.dice_with_mirroring - inf.dice_without_mirroring > inf.tolerance)
+    assert "without" in inf.decided and inf.decided in report
+    # the Dice without mirroring is that of the unmirrored out-of-fold probabilities, recomputed here
+    from medseg.evaluation.metrics import case_metrics
+    from medseg.evaluation.selection import OutOfFold
+    from medseg.inference.probabilities import load_probabilities
+
+    plans = Plans.load(cross_validated / "plans.json")
+    source = OutOfFold(cross_validated, plans, chosen.members)
+    labels = {int(k): v for k, v in plans.labels.items()}
+    per_class: dict[int, list[float]] = {k: [] for k in labels if k}
+    for case in source.case_ids:
+        probs = np.mean([load_probabilities(source.unmirrored_path(m, case)) for m in chosen.members], axis=0)
+        ref, spacing = source.reference(case)
+        for row in case_metrics(probs.argmax(0), ref, spacing, labels):
+            per_class[row["class_id"]].append(row["dice"])
+    expected = np.mean([np.nanmean(v) for v in per_class.values()])
+    assert inf.dice_without_mirroring == pytest.approx(expected, abs=1e-9)
+    # predict without --tta/--no-tta follows the decision
+    image, _ = make_case(shape=(20, 24, 16), seed=12)
+    write_nifti(tmp_path / "in" / "m.nii.gz", image[0])
+    auto = predict_folder(tmp_path / "in", tmp_path / "auto", cross_validated)[0]
+    explicit = predict_folder(tmp_path / "in", tmp_path / "explicit", cross_validated, tta=inf.mirroring)[0]
+    assert np.array_equal(np.asanyarray(nib.load(auto).dataobj), np.asanyarray(nib.load(explicit).dataobj))
+
+
 def test_predict_follows_model_json_and_writes_uncertainty_and_qc(cross_validated, tmp_path):
     find_best(cross_validated)
     chosen = ChosenModel.load(cross_validated / "model.json")

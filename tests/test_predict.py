@@ -117,3 +117,14 @@ def test_save_attention_writes_one_coefficient_volume_per_gate_in_the_input_grid
         predict_folder(tmp_path / "in", tmp_path / "out2", trained, config_name="3d_fullres", folds=[0],
                        save_attention=True)
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
+
+
+def test_the_unmirrored_pass_comes_with_the_mirrored_prediction():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1)
+    x = torch.randn(1, 1, 20, 18, 16)
+    plain: list = []
+    mirrored = predict_logits_tta(net, x, (16, 16, 16), step=0.5, mirror_axes=(0, 1, 2), unmirrored=plain)
+    alone = predict_logits_tta(net, x, (16, 16, 16), step=0.5, mirror_axes=())
+    assert len(plain) == 1 and torch.equal(plain[0], alone)
+    assert not torch.allclose(mirrored, alone)  # a conv with random weights is not mirror-symmetric

@@ -67,7 +67,7 @@ class NodeConfig(BaseModel):
     aborted_timeout_s: float = 120.0  # a series whose sender aborted waits this long for a resend
     concurrency: int = 1
     device: str = "cpu"
-    tta: bool = True
+    tta: bool | None = None  # mirroring; None: as model.json decided on cross-validation (else on)
     output: Literal["dicom-seg"] = "dicom-seg"
 
     @classmethod

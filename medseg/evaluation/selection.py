@@ -12,6 +12,11 @@
 4. **QC**: each case's score (:mod:`medseg.inference.uncertainty`) against its Dice after
    postprocessing: Spearman correlation, the threshold (a quantile of the scores) and how many of
    the worst-Dice decile it flags.
+5. **Mirroring** at prediction time: the chosen candidate's foreground Dice on the out-of-fold
+   predictions without mirroring (saved by each fold's validation: the unmirrored pass is one of the
+   eight) against with it; mirroring is turned off when the difference is within
+   :data:`MIRRORING_TOLERANCE` (it multiplies the network passes by 8). The figures go to
+   ``model.json`` (``inference``).
 
 Outputs: ``model.json`` and ``find_best/`` (``candidates.csv``, ``candidates.png``, ``cases.csv``,
 ``postprocessing.json``, ``qc.csv``, ``qc.png``, ``report.md``).
@@ -35,11 +40,12 @@ from medseg.errors import MedsegError
 from medseg.evaluation.metrics import case_metrics, confusion, dice
 from medseg.inference.postprocessing import describe, keep_largest_foreground, keep_largest_per_class
 from medseg.inference.uncertainty import FLAG_QUANTILE, calibrate_threshold, spearman
-from medseg.plans.schema import ChosenModel, Plans, Postprocessing, QualityControl
+from medseg.plans.schema import ChosenModel, InferenceChoice, Plans, Postprocessing, QualityControl
 from medseg.utils import atomic_path, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 DICE_DECIMALS = 4
+MIRRORING_TOLERANCE = 0.005  # foreground Dice a prediction may lose without mirroring (8x fewer passes)
 
 Candidate = tuple[str, ...]
 
@@ -97,6 +103,16 @@ class OutOfFold:
 
         return load_probabilities(self.paths[key][case_id])
 
+    def unmirrored_path(self, key: str, case_id: str) -> Path:
+        path = self.paths[key][case_id]
+        return path.parent.with_name("val_no_mirroring") / path.name
+
+    def unmirrored(self, keys: Sequence[str]) -> Unmirrored | None:
+        """The same out-of-fold cases predicted without mirroring, when every fold of ``keys`` has them."""
+        if all(self.unmirrored_path(k, c).exists() for k in keys for c in self.case_ids):
+            return Unmirrored(self)
+        return None
+
     def qc_score(self, key: str, case_id: str) -> float:
         from medseg.inference.probabilities import load_qc_score
 
@@ -107,6 +123,22 @@ class OutOfFold:
 
         array, geometry = read_case_label(self.cases[case_id])
         return array, geometry.spacing
+
+
+class Unmirrored:
+    """An :class:`OutOfFold` seen through its predictions without mirroring (``val_no_mirroring/``)."""
+
+    def __init__(self, source: OutOfFold) -> None:
+        self.source = source
+        self.case_ids = source.case_ids
+
+    def probabilities(self, key: str, case_id: str) -> np.ndarray:
+        from medseg.inference.probabilities import load_probabilities
+
+        return load_probabilities(self.source.unmirrored_path(key, case_id))
+
+    def reference(self, case_id: str) -> tuple[np.ndarray, Sequence[float]]:
+        return self.source.reference(case_id)
 
 
 def candidates_of(keys: Sequence[str]) -> list[Candidate]:
@@ -260,6 +292,28 @@ def select_model(source, keys: Sequence[str], labels: Mapping[int, str], *, num_
     return Selection(table, frame, best, pp, pp_figures, qc, threshold, rho, flagged_worst, n_worst)
 
 
+def decide_mirroring(source, best: Candidate, labels: Mapping[int, str], dice_with: float, *,
+                     tolerance: float = MIRRORING_TOLERANCE, num_workers: int = 1,
+                     progress: bool = False) -> InferenceChoice:
+    """Mirroring off when ``best``'s out-of-fold foreground Dice without it (``source``: an
+    :class:`Unmirrored`, or ``None`` when not measured) is within ``tolerance`` of ``dice_with``
+    (both before postprocessing)."""
+    if source is None:
+        return InferenceChoice(tolerance=tolerance, dice_with_mirroring=dice_with,
+                               decided="mirroring on: the out-of-fold predictions without mirroring are missing "
+                                       "(folds validated by an older medseg)")
+    rows = _map(_evaluate_case, [(source, c, [best], labels) for c in source.case_ids], num_workers, progress,
+                "evaluate without mirroring")
+    table = summarize_candidates(pd.DataFrame([r for case_rows in rows for r in case_rows]), [best], labels)
+    dice_without = float(table.iloc[0]["dice_fg"])
+    cost = dice_with - dice_without
+    off = bool(cost <= tolerance)
+    how = (f"{'off' if off else 'on'}: out-of-fold foreground Dice {dice_with:.4f} with mirroring, "
+           f"{dice_without:.4f} without ({cost:+.4f} {'within' if off else 'beyond'} the {tolerance:g} tolerance)")
+    return InferenceChoice(mirroring=not off, dice_with_mirroring=dice_with, dice_without_mirroring=dice_without,
+                           tolerance=tolerance, decided=f"mirroring {how}")
+
+
 def find_best(workdir: Path, *, configs: Sequence[str] | None = None, num_workers: int = 1,
               progress: bool = False) -> tuple[ChosenModel, str]:
     """Evaluate the candidates, choose, decide postprocessing and QC; write ``model.json`` and the report."""
@@ -284,10 +338,12 @@ def find_best(workdir: Path, *, configs: Sequence[str] | None = None, num_worker
     sel = select_model(source, keys, labels, num_workers=num_workers, progress=progress)
     row = sel.table[sel.table["candidate"] == name_of(sel.best)].iloc[0]
     after = sel.pp_figures["dice_after"]
+    inference = decide_mirroring(source.unmirrored(sel.best), sel.best, labels, float(row["dice_fg"]),
+                                 num_workers=num_workers, progress=progress)
     chosen = ChosenModel(
         members=list(sel.best), folds={k: list(source.folds[k]) for k in sel.best}, postprocessing=sel.postprocessing,
         qc=QualityControl(threshold=sel.threshold, quantile=FLAG_QUANTILE, spearman_vs_dice=sel.spearman,
-                          worst_flagged=f"{sel.flagged_worst} of the {sel.n_worst} lowest-Dice cases"),
+                          worst_flagged=f"{sel.flagged_worst} of the {sel.n_worst} lowest-Dice cases"), inference=inference,
         cv_dice=float(np.nanmean(list(after.values()))),
         cv_dice_per_class={labels[k]: float(after[k]) for k in classes}, cv_hd95=float(row["hd95_fg"]),
         cv_cases=len(source.case_ids),
@@ -333,6 +389,7 @@ def _report(table: pd.DataFrame, chosen: ChosenModel, pp_figures: dict, labels: 
               f" (foreground Dice {np.nanmean(list(before.values())):.4f} → {np.nanmean(list(after.values())):.4f}; "
               f"largest foreground component alone: {pp_figures['foreground_gain']:+.4f})."]
     q = chosen.qc
+    lines += ["", f"Prediction: {chosen.inference.decided}."]
     lines += ["", f"QC: Spearman(score, case Dice) = {q.spearman_vs_dice:.3f}; threshold {q.threshold:.4f} "
               f"(the {q.quantile:.0%} quantile) flags {int(qc['flagged'].sum())} cases, {flagged_worst} of the "
               f"{n_worst} lowest-Dice cases."]

@@ -173,6 +173,7 @@ class CasePrediction:
     qc_scores: list[float] = field(default_factory=list)
     attention: np.ndarray | None = None
     bbox: list[list[int]] | None = None  # the preprocessing crop; every channel but 0 is 0 outside it
+    unmirrored: np.ndarray | None = None  # on request: the probabilities without mirroring (K, X, Y, Z)
 
     @property
     def segmentation(self) -> np.ndarray:
@@ -180,9 +181,11 @@ class CasePrediction:
 
 
 def predict_case(stage: Stage, image: np.ndarray, geometry, *, step: float = 0.5, tta: bool = True,
-                 device: str = "cpu", attention: bool = False, prior: np.ndarray | None = None) -> CasePrediction:
+                 device: str = "cpu", attention: bool = False, prior: np.ndarray | None = None,
+                 keep_unmirrored: bool = False) -> CasePrediction:
     """Raw image (C, X, Y, Z) → :class:`CasePrediction` in the input grid. A cascade stage runs its
-    previous stage first unless ``prior`` (that stage's label map in the input grid) is given."""
+    previous stage first unless ``prior`` (that stage's label map in the input grid) is given.
+    ``keep_unmirrored`` also returns the pass without mirroring (free: it is one of the mirrorings)."""
     config = stage.config
     data, props = preprocess_image(image, geometry, config)
     if config.previous_stage:
@@ -191,9 +194,12 @@ def predict_case(stage: Stage, image: np.ndarray, geometry, *, step: float = 0.5
         data = np.concatenate([data, prior_channels(prior, props, config, stage.num_classes)])
     mirror = config.training.mirror_axes if tta else []
     scores: list[float] = []
+    plain: list | None = [] if keep_unmirrored else None
     probs = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
-                           qc_scores=scores)
+                           qc_scores=scores, unmirrored=plain)
     out = CasePrediction(export_probability_maps(probs, props, config), scores, bbox=props["bbox"])
+    if plain:
+        out.unmirrored = export_probability_maps(plain[0], props, config)
     if attention:
         maps = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
                               attention=True)
@@ -251,7 +257,7 @@ class LoadedModel:
 
 
 def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: str | None = None,
-                   folds: list[int | str] | None = None, step: float = 0.5, tta: bool = True,
+                   folds: list[int | str] | None = None, step: float = 0.5, tta: bool | None = None,
                    save_probabilities: bool = False, save_attention: bool = False, save_uncertainty: bool = False,
                    postprocess: bool = True, overwrite: bool = False, device: str = "cpu",
                    progress: bool = False, series: str | None = None, output_format: str = "nifti",
@@ -264,7 +270,8 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
     ``output_format`` ``dicom-seg`` (or ``both``) writes ``<case>.dcm``, a DICOM SEG referencing the
     source series, for DICOM inputs (``series`` selects them, see :class:`medseg.io.dicom.SeriesSelector`).
     ``model``: an already loaded :class:`LoadedModel` of ``workdir`` (then ``config_name``, ``folds``
-    and ``device`` are its own)."""
+    and ``device`` are its own). ``tta`` (mirroring): ``None`` follows ``model.json``'s choice made on
+    cross-validation, else mirroring is on."""
     from medseg.progress import track
 
     workdir = Path(workdir)
@@ -286,6 +293,8 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
                           "its source instances)")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    if tta is None:
+        tta = chosen.inference.mirroring if chosen else True
     pp = chosen.postprocessing.model_dump() if chosen and postprocess else None
     threshold = chosen.qc.threshold if chosen and chosen.qc else None
     written = []

@@ -35,9 +35,12 @@ def _softmax(t: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def predict_logits_tta(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], *, step: float = 0.5,
                        mirror_axes: Sequence[int] = (), sw_batch: int = 2,
-                       transform: Callable[[torch.Tensor], torch.Tensor] = _softmax) -> torch.Tensor:
+                       transform: Callable[[torch.Tensor], torch.Tensor] = _softmax,
+                       unmirrored: list | None = None) -> torch.Tensor:
     """x: (N, C, *S) → ``transform`` of the stitched outputs (softmax probabilities (N, K, *S) by
-    default), averaged over mirrorings of the spatial axes in ``mirror_axes`` (0-based spatial indices)."""
+    default), averaged over mirrorings of the spatial axes in ``mirror_axes`` (0-based spatial indices).
+    ``unmirrored``: a list that receives the pass without mirroring (what ``mirror_axes=()`` gives),
+    at no extra cost."""
     total = None
     sets = mirror_sets(mirror_axes)
     for axes in sets:
@@ -45,6 +48,8 @@ def predict_logits_tta(predictor: Predictor, x: torch.Tensor, patch: Sequence[in
         xi = torch.flip(x, dims) if dims else x
         p = transform(_windowed(predictor, xi, patch, step, sw_batch).float())
         p = torch.flip(p, dims) if dims else p
+        if not dims and unmirrored is not None:
+            unmirrored.append(p.clone())
         total = p if total is None else total + p
     return total / len(sets)
 
@@ -64,10 +69,11 @@ def attention_predictor(model: torch.nn.Module) -> Predictor:
 
 def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: Sequence[int], *, step: float = 0.5,
                    mirror_axes: Sequence[int] = (), device: str = "cpu", attention: bool = False,
-                   qc_scores: list[float] | None = None) -> np.ndarray:
+                   qc_scores: list[float] | None = None, unmirrored: list | None = None) -> np.ndarray:
     """Preprocessed (C, *S) 3D volume → probabilities (K, *S), mean over ``models``; with
     ``attention``, the models' attention coefficients (gates, *S) instead. When ``qc_scores`` is a
-    list, each model's :func:`~medseg.inference.uncertainty.qc_score` is appended to it.
+    list, each model's :func:`~medseg.inference.uncertainty.qc_score` is appended to it; when
+    ``unmirrored`` is a list, the probabilities without mirroring (mean over models) are appended.
 
     A 2D patch predicts slice by slice along axis 0 (the out-of-plane axis)."""
     x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
@@ -75,6 +81,7 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
     x = x.permute(1, 0, 2, 3) if two_d else x[None]
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _null()
     total = None
+    plain: list = [] if unmirrored is not None else None
     for model in models:
         model.eval()
         with autocast:
@@ -82,12 +89,16 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
                 p = predict_logits_tta(attention_predictor(model), x, patch, step=step, mirror_axes=mirror_axes,
                                        sw_batch=8 if two_d else 2, transform=lambda t: t)
             else:
-                p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2)
+                p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2,
+                                       unmirrored=plain)
         if qc_scores is not None:
             from medseg.inference.uncertainty import qc_score
 
             qc_scores.append(qc_score((p.permute(1, 0, 2, 3) if two_d else p[0]).float().cpu().numpy()))
         total = p if total is None else total + p
+    if plain:
+        mean = sum(plain) / len(plain)
+        unmirrored.append((mean.permute(1, 0, 2, 3) if two_d else mean[0]).float().cpu().numpy())
     probs = total / len(models)
     probs = probs.permute(1, 0, 2, 3) if two_d else probs[0]
     return probs.float().cpu().numpy()

@@ -201,6 +201,18 @@ class QualityControl(_Model):
     worst_flagged: str
 
 
+class InferenceChoice(_Model):
+    """Mirroring at prediction time, decided on the out-of-fold predictions: off when the chosen
+    model's foreground Dice without it is within ``tolerance`` of the Dice with it (8 mirrorings
+    cost 8× the network passes). ``None`` figures: folds validated before this was measured."""
+
+    mirroring: bool = True
+    dice_with_mirroring: float | None = None
+    dice_without_mirroring: float | None = None
+    tolerance: float = 0.005
+    decided: str = "mirroring on (not measured)"
+
+
 class ChosenModel(_Model):
     """``model.json``, written by ``medseg find-best`` and read by ``medseg predict -m WORKDIR``:
     which configurations (softmax-averaged) and folds to use, and the postprocessing."""
@@ -210,6 +222,7 @@ class ChosenModel(_Model):
     folds: dict[str, list[int | str]]
     postprocessing: Postprocessing = Field(default_factory=Postprocessing)
     qc: QualityControl | None = None
+    inference: InferenceChoice = Field(default_factory=InferenceChoice)
     cv_dice: float
     cv_dice_per_class: dict[str, float]
     cv_hd95: float | None = None

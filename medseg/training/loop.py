@@ -255,6 +255,10 @@ def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path,
     stage = Stage(config, [model], plans.num_classes)
     out = run / "val"
     out.mkdir(exist_ok=True)
+    # the pass without mirroring comes free with the mirrored one: find-best weighs mirroring on it
+    plain_out = run / "val_no_mirroring" if config.training.mirror_axes else None
+    if plain_out:
+        plain_out.mkdir(exist_ok=True)
     ref = run / "val_reference"
     ref.mkdir(exist_ok=True)
     t0 = time.perf_counter()
@@ -266,8 +270,10 @@ def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path,
             from medseg.training.cascade import oof_segmentation
 
             prior = oof_segmentation(workdir, plans.config(config.previous_stage).key, cid)
-        pred = predict_case(stage, image, geometry, device=device, prior=prior)
+        pred = predict_case(stage, image, geometry, device=device, prior=prior, keep_unmirrored=plain_out is not None)
         save_probabilities(out / f"{cid}.npz", pred.probabilities, pred.bbox, qc_score=pred.qc_scores[0])
+        if plain_out:
+            save_probabilities(plain_out / f"{cid}.npz", pred.unmirrored, pred.bbox, qc_score=pred.qc_scores[0])
         write_image(out / f"{cid}.nii.gz", pred.segmentation, geometry, np.uint8)
         lab_link = ref / f"{cid}{case.label.name[len(cid):]}"
         if not lab_link.exists():
