@@ -68,6 +68,8 @@ def plan(
                                  help="Network variants, comma-separated: plain, residual, attention, se, reversible, graph "
                                       "(preset: all); one configuration each."),
     no_preprocess: bool = typer.Option(False, "--no-preprocess", help="Only fingerprint and plan."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="CPU: measure training step times again instead of "
+                                   "reusing those remembered for this machine ($MEDSEG_HOME/step_times.json)."),
     workers: int = typer.Option(None, "--workers", help="Parallel processes (default: CPU count, at most 8)."),
 ) -> None:
     """Check, fingerprint and plan a dataset, then preprocess it."""
@@ -75,7 +77,7 @@ def plan(
 
     workflow.plan(dataset, output, memory_gb=memory_gb, device=_device(device), configs=_configs(configs),
                   time_budget_min=time_budget, preprocess=not no_preprocess, num_workers=workers, progress=True,
-                  variants=_configs(variants))
+                  variants=_configs(variants), remeasure=remeasure)
     console.print(workflow.info(output))
     console.print(f"[green]plans written to[/] {output / 'plans.json'}")
 

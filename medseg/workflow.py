@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from medseg.errors import DatasetError
 from medseg.fingerprint import Fingerprint, compute_fingerprint
 from medseg.io.check import check_dataset
 from medseg.io.dataset import load_dataset
-from medseg.plans.planner import DEFAULT_CONFIGS, plan_dataset, resolve_variants
+from medseg.plans.planner import DEFAULT_CONFIGS, StepTimer, default_timing_cache, plan_dataset, resolve_variants
 from medseg.plans.schema import Plans
 from medseg.preprocessing.pipeline import preprocess_dataset
 from medseg.utils import atomic_write_json
@@ -26,16 +27,21 @@ def default_workers() -> int:
 def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device: str = "cpu",
          configs: list[str] | None = None, time_budget_min: float | None = None, preprocess: bool = True,
          num_workers: int | None = None, progress: bool = False, throughput: float | None = None,
-         variants: list[str] | None = None) -> Plans:
-    """check → fingerprint → plans → preprocess. Nothing is written before the check passes."""
+         variants: list[str] | None = None, timing_cache: Path | None = None, remeasure: bool = False) -> Plans:
+    """check → fingerprint → plans → preprocess. Nothing is written before the check passes.
+    On a CPU, step times the planner measures are remembered in ``timing_cache`` (default
+    :func:`~medseg.plans.planner.default_timing_cache`); ``remeasure`` measures them again."""
     num_workers = num_workers or default_workers()
     resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
+    timing: dict[str, float] = {}
+    t = time.perf_counter()
     ds = load_dataset(dataset)
     for note in ds.notes:
         log.info("note: %s", note)
     problems = check_dataset(ds, num_workers=num_workers, progress=progress)
     if problems:
         raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
+    timing["check_s"], t = time.perf_counter() - t, time.perf_counter()
     workdir = Path(workdir)
     fp_path = workdir / "fingerprint.json"
     if fp_path.exists():
@@ -49,16 +55,26 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
     workdir.mkdir(parents=True, exist_ok=True)
     fp.save(fp_path)
     atomic_write_json(workdir / "source.json", {"dataset": str(Path(dataset).resolve())})
+    timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
     plans_path = workdir / "plans.json"
     if plans_path.exists():
         plans = Plans.load(plans_path)
         log.info("%s exists; keeping it (delete it to re-plan)", plans_path)
     else:
+        timer = StepTimer(timing_cache or default_timing_cache(), refresh=remeasure)
         plans = plan_dataset(fp, device=device, memory_gb=memory_gb, configs=configs or list(DEFAULT_CONFIGS),
-                             time_budget_min=time_budget_min, throughput=throughput, variants=variants or ["plain"])
+                             time_budget_min=time_budget_min, throughput=throughput, variants=variants or ["plain"],
+                             timer=timer)
         plans.save(plans_path)
+        if timer.measured or timer.reused:
+            log.info("planner step times: %d measured, %d remembered from %s", timer.measured, timer.reused,
+                     timer.cache)
+    timing["plan_s"], t = time.perf_counter() - t, time.perf_counter()
     if preprocess:
         preprocess_dataset(ds, plans, workdir, num_workers=num_workers, progress=progress)
+        timing["preprocess_s"] = time.perf_counter() - t
+    atomic_write_json(workdir / "plan_timing.json", timing)
+    log.info("timing: %s", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()))
     return plans
 
 

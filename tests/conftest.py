@@ -5,8 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import tempfile
+
 import pytest
 from helpers import make_msd_dataset, make_nnunetv2_dataset, shared_data
+
+
+def pytest_configure(config):
+    """The planner's remembered step times go to a folder of this test session, not the user's home
+    (subprocesses inherit it)."""
+    os.environ["MEDSEG_HOME"] = tempfile.mkdtemp(prefix="medseg_home_")
 
 
 @pytest.fixture

@@ -381,3 +381,25 @@ def test_reversible_buys_a_larger_patch_where_memory_binds_and_records_the_trade
                          configs=["3d_fullres"], variants=["reversible"])
     t = small.config("3d_fullres_reversible").memory.trade
     assert t.voxel_ratio == 1.0 and "no larger patch to buy" in t.note
+
+
+def test_step_times_are_measured_once_per_machine_and_step(tmp_path, caplog):
+    from medseg.plans.planner import StepTimer
+    from medseg.plans.schema import Architecture
+
+    arch = Architecture(features=[2, 4], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]])
+    cache = tmp_path / "home" / "step_times.json"
+    timer = StepTimer(cache)
+    first = timer(arch, (8, 8, 8), 2, 1, 3)
+    assert first > 0 and (timer.measured, timer.reused) == (1, 0) and cache.is_file()
+    assert timer(arch, (8, 8, 8), 2, 1, 3) == first and timer.reused == 1
+    again = StepTimer(cache)  # a later planning run on the same machine
+    assert again(arch, (8, 8, 8), 2, 1, 3) == first and (again.measured, again.reused) == (0, 1)
+    assert again(arch, (8, 8, 8), 3, 1, 3) > 0 and again.measured == 1  # another batch is another step
+    fresh = StepTimer(cache, refresh=True)
+    fresh(arch, (8, 8, 8), 2, 1, 3)
+    assert (fresh.measured, fresh.reused) == (1, 0)
+    cache.write_text("{not json")
+    damaged = StepTimer(cache)
+    assert damaged(arch, (8, 8, 8), 2, 1, 3) > 0 and damaged.measured == 1
+    assert "unreadable step-time cache" in caplog.text

@@ -9,9 +9,13 @@ Every decision is written into ``memory.decision``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -31,7 +35,7 @@ from medseg.plans.schema import (
     Plans,
     Training,
 )
-from medseg.utils import look_up
+from medseg.utils import atomic_write_json, look_up
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,63 @@ def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, i
     return best
 
 
+def default_timing_cache() -> Path:
+    """Where measured step times are remembered: ``$MEDSEG_HOME/step_times.json`` (default
+    ``~/.cache/medseg``)."""
+    return Path(os.environ.get("MEDSEG_HOME", "~/.cache/medseg")).expanduser() / "step_times.json"
+
+
+def _machine_key(device: str) -> list:
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
+    return [cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, device, gpu]
+
+
+class StepTimer:
+    """:func:`measure_step_seconds`, remembered: measured once per machine (CPU model, cores,
+    threads, torch version, device) and step (architecture, patch, batch, channels, classes) in a
+    JSON file, so re-planning (another dataset of the same shape class, a variant, a re-run) costs
+    no measurement. ``cache=None``: measure every time; ``refresh``: measure again and overwrite."""
+
+    def __init__(self, cache: Path | None = None, *, refresh: bool = False) -> None:
+        self.cache = Path(cache) if cache else None
+        self.refresh = refresh
+        self.memo: dict[str, float] = {}
+        self.measured = self.reused = 0
+        if self.cache and self.cache.is_file() and not refresh:
+            try:
+                self.memo = {k: float(v) for k, v in json.loads(self.cache.read_text()).items()}
+            except (ValueError, AttributeError, TypeError):  # a damaged cache is only a cache
+                log.warning("%s: unreadable step-time cache; measuring again", self.cache)
+
+    def __call__(self, arch: Architecture, patch: Sequence[int], batch: int, in_channels: int, num_classes: int,
+                 device: str = "cpu") -> float:
+        key = hashlib.sha1(json.dumps([_machine_key(device), arch.model_dump(mode="json"), list(map(int, patch)),
+                                       int(batch), in_channels, num_classes], sort_keys=True).encode()).hexdigest()
+        if key in self.memo:
+            self.reused += 1
+            return self.memo[key]
+        seconds = measure_step_seconds(arch, patch, batch, in_channels, num_classes, device)
+        self.memo[key] = seconds
+        self.measured += 1
+        if self.cache:
+            try:
+                self.cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(self.cache, self.memo)
+            except OSError as exc:  # a read-only home must not stop planning
+                log.warning("%s: cannot save step times (%s)", self.cache, exc)
+        return seconds
+
+
 def _features(base: int, stages: int, dim: int) -> list[int]:
     return [min(base * 2**i, MAX_FEATURES[dim]) for i in range(stages)]
 
@@ -145,7 +206,8 @@ def _fit_patch(name: str, spacing: Sequence[float], median_shape: Sequence[float
 
 def _plan_configuration(name: str, spacing: list[float], median_shape: list[float], transpose: list[int],
                         fp: Fingerprint, *, device: str, memory_gb: float, time_budget_min: float,
-                        throughput: float | None, dataset_voxels: float, variant: str = "plain") -> Configuration:
+                        throughput: float | None, dataset_voxels: float, variant: str = "plain",
+                        timer: StepTimer | None = None) -> Configuration:
     dim = len(spacing)
     blocks = VARIANTS[variant]
     n_in, n_cls = len(fp.channel_names), max(fp.labels) + 1
@@ -188,8 +250,10 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
                 return estimate_costs(a, patch, b, n_in, n_cls).train_flops / throughput
             how = f"analytic FLOPs at {throughput / 1e9:.0f} GFLOP/s"
         else:  # measured: small networks are dominated by overheads a FLOP count does not see
+            measure = timer or StepTimer()
+
             def step_time(a: Architecture, b: int) -> float:
-                return CPU_STEP_OVERHEAD * measure_step_seconds(a, patch, b, n_in, n_cls)
+                return CPU_STEP_OVERHEAD * measure(a, patch, b, n_in, n_cls)
             how = f"measured training steps x {CPU_STEP_OVERHEAD} for data loading and validation"
         cap = min(batch_cap, mem_batch)
         for base in CPU_WIDTH_CHOICES:
@@ -271,7 +335,8 @@ def lowres_spacing(spacing: Sequence[float], median_shape: Sequence[float], fits
 
 def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | None = None,
                  configs: Sequence[str] = DEFAULT_CONFIGS, time_budget_min: float | None = None,
-                 throughput: float | None = None, seed: int = 0, variants: Sequence[str] = ("plain",)) -> Plans:
+                 throughput: float | None = None, seed: int = 0, variants: Sequence[str] = ("plain",),
+                 timer: StepTimer | None = None) -> Plans:
     """Derive the plans for ``configs`` × ``variants`` from a fingerprint. A variant that cannot be
     built is refused here with a one-line reason.
 
@@ -291,7 +356,8 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
     median_shape = np.median(shapes, axis=0)[tf]
     spacing_t = [spacing[i] for i in tf]
     # as nnU-Net: the dataset's size approximated by the 3D median shape times the number of cases
-    common = dict(device=dev, memory_gb=memory_gb, time_budget_min=time_budget_min, throughput=throughput,
+    timer = timer or StepTimer()  # one per planning run: the same step is never measured twice
+    common = dict(device=dev, memory_gb=memory_gb, time_budget_min=time_budget_min, throughput=throughput, timer=timer,
                   dataset_voxels=float(np.prod(median_shape, dtype=np.float64)) * len(fp.cases))
     out = {}
     cascade = any(c in configs for c in ("3d_lowres", "3d_cascade_fullres"))
