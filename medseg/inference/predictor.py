@@ -239,7 +239,6 @@ class LoadedModel:
     """A work directory's model in memory: what :func:`predict_folder` runs (configurations, folds,
     postprocessing). Load it once to predict many inputs (``medseg serve`` does)."""
 
-    workdir: Path
     plans: Plans
     members: list[str]
     chosen: ChosenModel | None
@@ -253,7 +252,7 @@ class LoadedModel:
         plans = Plans.load(workdir / "plans.json")
         members, member_folds, chosen = _chosen_model(workdir, plans, config_name, folds)
         stages = [load_stage(workdir, plans, m, member_folds[m], device) for m in members]
-        return cls(workdir, plans, members, chosen, stages, device)
+        return cls(plans, members, chosen, stages, device)
 
 
 def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: str | None = None,

@@ -49,7 +49,7 @@ def predict_logits_tta(predictor: Predictor, x: torch.Tensor, patch: Sequence[in
         p = transform(_windowed(predictor, xi, patch, step, sw_batch).float())
         p = torch.flip(p, dims) if dims else p
         if not dims and unmirrored is not None:
-            unmirrored.append(p.clone())
+            unmirrored.append(p)  # never changed in place below
         total = p if total is None else total + p
     return total / len(sets)
 
@@ -80,6 +80,10 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
     two_d = len(patch) == 2
     x = x.permute(1, 0, 2, 3) if two_d else x[None]
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _null()
+
+    def volume(t: torch.Tensor) -> np.ndarray:  # (N, K, *S) batch → (K, *S) volume
+        return (t.permute(1, 0, 2, 3) if two_d else t[0]).float().cpu().numpy()
+
     total = None
     plain: list = [] if unmirrored is not None else None
     for model in models:
@@ -94,14 +98,11 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
         if qc_scores is not None:
             from medseg.inference.uncertainty import qc_score
 
-            qc_scores.append(qc_score((p.permute(1, 0, 2, 3) if two_d else p[0]).float().cpu().numpy()))
+            qc_scores.append(qc_score(volume(p)))
         total = p if total is None else total + p
     if plain:
-        mean = sum(plain) / len(plain)
-        unmirrored.append((mean.permute(1, 0, 2, 3) if two_d else mean[0]).float().cpu().numpy())
-    probs = total / len(models)
-    probs = probs.permute(1, 0, 2, 3) if two_d else probs[0]
-    return probs.float().cpu().numpy()
+        unmirrored.append(volume(sum(plain) / len(plain)))
+    return volume(total / len(models))
 
 
 class _null:

@@ -9,6 +9,7 @@ Every decision is written into ``memory.decision``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -116,7 +117,8 @@ def default_timing_cache() -> Path:
     return Path(os.environ.get("MEDSEG_HOME", "~/.cache/medseg")).expanduser() / "step_times.json"
 
 
-def _machine_key(device: str) -> list:
+@functools.cache
+def _machine_key(device: str) -> tuple:
     import platform
 
     import torch
@@ -128,7 +130,7 @@ def _machine_key(device: str) -> list:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
-    return [cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, device, gpu]
+    return (cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, device, gpu)
 
 
 class StepTimer:
@@ -139,7 +141,6 @@ class StepTimer:
 
     def __init__(self, cache: Path | None = None, *, refresh: bool = False) -> None:
         self.cache = Path(cache) if cache else None
-        self.refresh = refresh
         self.memo: dict[str, float] = {}
         self.measured = self.reused = 0
         if self.cache and self.cache.is_file() and not refresh:
