@@ -146,3 +146,40 @@ def test_case_metrics_measures_a_singleton_axis_image_in_2d():
 def test_spacing_must_match_the_dimension():
     with pytest.raises(ValueError, match="spacing"):
         hd95(np.ones((3, 3), bool), np.ones((3, 3), bool), (1.0, 1.0, 1.0))
+
+
+def test_far_apart_surfaces_fall_back_to_the_kd_tree_with_exact_distances():
+    from medseg.evaluation import metrics
+
+    pred, ref = np.zeros((90, 90, 12), dtype=bool), np.zeros((90, 90, 12), dtype=bool)
+    pred[2, 3, 1] = True
+    ref[80, 85, 10] = True  # far beyond the grid offsets tried before the k-d tree
+    spacing = (0.8, 0.8, 3.0)
+    far = math.sqrt((78 * 0.8) ** 2 + (82 * 0.8) ** 2 + (9 * 3.0) ** 2)
+    assert far > metrics._offsets(spacing)[1][-1]
+    d_pred, d_ref = surface_distances(pred, ref, spacing)
+    assert d_pred == pytest.approx([far], rel=1e-12) and d_ref == pytest.approx([far], rel=1e-12)
+    assert hd95(pred, ref, spacing) == monai_hd95(pred, ref, spacing)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hd95_equals_monai_when_the_offset_search_is_split_in_small_blocks(monkeypatch, seed: int):
+    from medseg.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "_GATHER_LIMIT", 64)  # a few surface voxels per lookup block
+    rng = np.random.default_rng(100 + seed)
+    shape, spacing = (30, 24, 10), (0.7, 0.9, 2.5)
+    pred, ref = blobs(rng, shape, sigma=1.2), blobs(rng, shape, sigma=2.5)
+    pred[rng.random(shape) > 0.995] = True  # scattered outliers
+    assert hd95(pred, ref, spacing) == monai_hd95(pred, ref, spacing)
+
+
+def test_percentile_is_torch_quantile_bit_for_bit():
+    import torch
+
+    from medseg.evaluation.metrics import _percentile_95
+
+    rng = np.random.default_rng(7)
+    for n in [1, 2, 3, 20, 21, 101, 1000, 4097]:
+        for values in (rng.random(n) * 30, np.sqrt(rng.integers(0, 40, n).astype(float))):  # ties too
+            assert _percentile_95(values) == float(torch.quantile(torch.from_numpy(values.astype(np.float32)), 0.95))
