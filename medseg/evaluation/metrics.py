@@ -28,7 +28,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "case_metrics",
