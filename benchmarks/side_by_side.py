@@ -520,7 +520,16 @@ def _hd95_row(h: dict, what: str, target: str) -> str:
 
 
 def report(results: dict, command: str) -> str:
-    lines = [BEGIN, "", "```bash", command, "```", ""]
+    commands: dict[str, list[str]] = {}  # the command that last measured each part, in part order
+    for part, cmd in results.get("commands", {}).items():
+        commands.setdefault(cmd, []).append(part)
+    if not commands:
+        commands = {command: []}
+    lines = [BEGIN, "", "```bash"]
+    for cmd, parts in commands.items():
+        lines += [f"# {', '.join(parts)}"] if parts and len(commands) > 1 else []
+        lines.append(cmd)
+    lines += ["```", ""]
     m = results.get("machine", {})
     lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} for both "
                  f"tools, measured {m.get('date', '?')}. Dataset: {results.get('dataset', {}).get('name', '?')} "
@@ -637,6 +646,7 @@ def main() -> None:
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/")
     args = parser.parse_args()
     bench = Bench(args)
+    command = "python benchmarks/side_by_side.py " + " ".join(sys.argv[1:])
     for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
         if part in bench.results and not args.redo:
             say(f"{part}: already measured (--redo to run again)")
@@ -645,9 +655,9 @@ def main() -> None:
         if fn is None:
             raise SystemExit(f"unknown part {part!r}")
         bench.results[part] = fn()
+        bench.results.setdefault("commands", {})[part] = command
         bench.save()
         say(f"{part}: {json.dumps(bench.results[part])[:400]}")
-    command = "python benchmarks/side_by_side.py " + " ".join(sys.argv[1:])
     if not args.no_docs:
         write_docs(bench.results, command)
     print(report(bench.results, command))

@@ -403,3 +403,38 @@ def test_step_times_are_measured_once_per_machine_and_step(tmp_path, caplog):
     damaged = StepTimer(cache)
     assert damaged(arch, (8, 8, 8), 2, 1, 3) > 0 and damaged.measured == 1
     assert "unreadable step-time cache" in caplog.text
+
+
+@pytest.mark.parametrize("target", [0.05, 0.3, 0.7, 1.2, 2.5, 9.0])
+def test_width_search_finds_the_widest_fitting_width_with_few_measurements(target: float):
+    from medseg.plans.planner import CPU_WIDTH_CHOICES, _widest_fitting
+
+    measured: list[int] = []
+
+    def step_seconds(width: int) -> float:  # grows with width, as a real step does
+        measured.append(width)
+        return (width / 16) ** 2 * 0.5
+
+    width, seconds = _widest_fitting(step_seconds, target)
+    assert len(measured) == len(set(measured)) <= 3  # never the same width twice, at most 3 of the 5
+    fitting = [w for w in sorted(CPU_WIDTH_CHOICES, reverse=True) if step_seconds(w) <= target]
+    assert width == (fitting[0] if fitting else min(CPU_WIDTH_CHOICES))  # what timing every width gives
+    assert seconds == step_seconds(width)
+
+
+def test_planner_timing_optimiser_updates_weights_exactly_as_torch_sgd():
+    import torch
+
+    from medseg.memory import ForeachNesterovSGD
+
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True), torch.randn(2, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    optimisers = (ForeachNesterovSGD(ours, lr=0.1, momentum=0.99),
+                  torch.optim.SGD(theirs, lr=0.1, momentum=0.99, nesterov=True))
+    for _ in range(4):
+        for params, opt in zip((ours, theirs), optimisers, strict=True):
+            opt.zero_grad()
+            sum((p**2 * (i + 1)).sum() for i, p in enumerate(params[:2])).backward()  # the last gets no gradient
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ CPU_WIDTH_CHOICES = (32, 24, 16, 12, 8)
 DEFAULT_CPU_TIME_BUDGET_MIN = 30.0
 GPU_EPOCHS, GPU_ITERATIONS = 1000, 250
 CPU_ITERATIONS_PER_EPOCH = 50
+BATCH_EXTRAPOLATION_MARGIN = 0.9  # a larger batch is timed only when batch-2 scaling lands within 10% of the target
 CPU_STEP_OVERHEAD = 1.15  # data loading in a worker process and the per-epoch validation patches
 
 
@@ -92,14 +93,14 @@ def default_memory_gb(device: str) -> float:
 
 
 def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, in_channels: int,
-                         num_classes: int, device: str = "cpu", steps: int = 2) -> float:
+                         num_classes: int, device: str = "cpu", steps: int = 1) -> float:
     """Seconds per real training step (forward, deep-supervision loss, backward, SGD) on random data,
-    after one warm-up step; the fastest of ``steps``."""
+    after one warm-up step (which pays the kernel and allocator set-up); the fastest of ``steps``."""
     import torch
 
     from medseg.memory import synthetic_training_step
 
-    _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device)
+    _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device, torch_optimizer=False)
     best = float("inf")
     for i in range(steps + 1):
         t = time.perf_counter()
@@ -205,6 +206,29 @@ def _fit_patch(name: str, spacing: Sequence[float], median_shape: Sequence[float
     return arch, p
 
 
+def _widest_fitting(step_seconds: Callable[[int], float], target: float) -> tuple[int, float]:
+    """The widest of :data:`CPU_WIDTH_CHOICES` whose step takes at most ``target`` seconds (the
+    narrowest when none does), and its step time. Step time grows with width, so the search starts
+    in the middle of the choices and moves one way: planning measures two or three candidates
+    instead of every width from the widest (the most expensive to time) down."""
+    widths = sorted(CPU_WIDTH_CHOICES, reverse=True)
+    seen: dict[int, float] = {}
+
+    def fits(i: int) -> bool:
+        seen[i] = step_seconds(widths[i])
+        return seen[i] <= target
+
+    i = len(widths) // 2
+    if fits(i):
+        while i > 0 and fits(i - 1):
+            i -= 1
+    else:
+        while i < len(widths) - 1 and not fits(i + 1):
+            i += 1
+        i = min(i + 1, len(widths) - 1)
+    return widths[i], seen[i]
+
+
 def _plan_configuration(name: str, spacing: list[float], median_shape: list[float], transpose: list[int],
                         fp: Fingerprint, *, device: str, memory_gb: float, time_budget_min: float,
                         throughput: float | None, dataset_voxels: float, variant: str = "plain",
@@ -257,20 +281,23 @@ def _plan_configuration(name: str, spacing: list[float], median_shape: list[floa
                 return CPU_STEP_OVERHEAD * measure(a, patch, b, n_in, n_cls)
             how = f"measured training steps x {CPU_STEP_OVERHEAD} for data loading and validation"
         cap = min(batch_cap, mem_batch)
-        for base in CPU_WIDTH_CHOICES:
-            arch, _ = _architecture(spacing, patch, base, blocks)
-            step_s = step_time(arch, MIN_BATCH)
-            if step_s <= target_step or base == CPU_WIDTH_CHOICES[-1]:
-                break
+        base, step_s = _widest_fitting(lambda w: step_time(_architecture(spacing, patch, w, blocks)[0], MIN_BATCH),
+                                       target_step)
+        arch, _ = _architecture(spacing, patch, base, blocks)
         batch = int(min(cap, max(MIN_BATCH, MIN_BATCH * target_step // step_s)))
-        if batch > MIN_BATCH:  # one refinement: per-sample cost falls with batch size when overheads dominate
-            longer = step_time(arch, batch)
-            if longer > target_step:
-                batch = int(max(MIN_BATCH, batch * target_step // longer))
-            step_s = step_time(arch, batch)
+        extrapolated = ""
+        if batch > MIN_BATCH:  # per-sample cost falls with batch size when overheads dominate, or rises a little
+            linear = step_s * batch / MIN_BATCH
+            if linear > BATCH_EXTRAPOLATION_MARGIN * target_step:  # close to the target: measure this batch
+                longer = step_time(arch, batch)
+                if longer > target_step:
+                    batch = int(max(MIN_BATCH, batch * target_step // longer))
+                step_s = step_time(arch, batch)
+            else:
+                step_s, extrapolated = linear, ", batch step time extrapolated from batch 2"
         why = (f"CPU plan (compute-bound): {time_budget_min:g} min budget / {CPU_TARGET_ITERATIONS} target steps "
                f"= {target_step:.3f} s per step ({how}); widest base width from {list(CPU_WIDTH_CHOICES)} meeting "
-               f"it is {base} at batch {batch} (est. {step_s:.3f} s/step); patch {patch} from median shape "
+               f"it is {base} at batch {batch} (est. {step_s:.3f} s/step{extrapolated}); patch {patch} from median shape "
                f"{list(map(int, median_shape))}; GPU-style batch would be {cap}")
         iters = CPU_ITERATIONS_PER_EPOCH
         epochs = int(np.ceil(CPU_TARGET_ITERATIONS / iters))
