@@ -3,7 +3,7 @@ per-class voxel counts and volumes. Written as ``fingerprint.json``."""
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +91,17 @@ def _fingerprint_case(args: tuple[Case, list[int], int]) -> tuple[CaseFingerprin
     return fp, samples
 
 
-def compute_fingerprint(ds: Dataset, num_workers: int = 1, progress: bool = False, seed: int = 0) -> Fingerprint:
-    """Fingerprint every case (parallel over cases, deterministic given ``seed``)."""
+def compute_fingerprint(ds: Dataset, num_workers: int = 1, progress: bool = False, seed: int = 0,
+                        executor: Executor | None = None) -> Fingerprint:
+    """Fingerprint every case (parallel over cases in ``num_workers`` processes, or in ``executor``;
+    deterministic given ``seed``)."""
     from medseg.progress import track
 
     jobs = [(c, sorted(ds.labels), seed + i) for i, c in enumerate(ds.cases)]
-    if num_workers > 1:
+    if executor is not None:
+        results = list(track(executor.map(_fingerprint_case, jobs), total=len(jobs), description="fingerprint",
+                             enabled=progress))
+    elif num_workers > 1:
         with ProcessPoolExecutor(num_workers) as pool:
             results = list(track(pool.map(_fingerprint_case, jobs), total=len(jobs), description="fingerprint",
                                  enabled=progress))

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from medseg.errors import DatasetError
 from medseg.fingerprint import Fingerprint, compute_fingerprint
 from medseg.io.check import check_dataset
 from medseg.io.dataset import load_dataset
-from medseg.plans.planner import DEFAULT_CONFIGS, StepTimer, default_timing_cache, plan_dataset, resolve_variants
 from medseg.plans.schema import Plans
 from medseg.preprocessing.pipeline import preprocess_dataset
 from medseg.utils import atomic_write_json
+
+# The planner imports torch and MONAI (~3 s on 2 cores); `plan` imports it while worker processes
+# check and fingerprint the dataset, so this module must not import it at the top.
+PLANNER = "medseg.plans.planner"
 
 log = logging.getLogger(__name__)
 
@@ -32,39 +39,43 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
     On a CPU, step times the planner measures are remembered in ``timing_cache`` (default
     :func:`~medseg.plans.planner.default_timing_cache`); ``remeasure`` measures them again."""
     num_workers = num_workers or default_workers()
-    resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
     timing: dict[str, float] = {}
     t = time.perf_counter()
     ds = load_dataset(dataset)
     for note in ds.notes:
         log.info("note: %s", note)
-    problems = check_dataset(ds, num_workers=num_workers, progress=progress)
-    if problems:
-        raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
-    timing["check_s"], t = time.perf_counter() - t, time.perf_counter()
     workdir = Path(workdir)
     fp_path = workdir / "fingerprint.json"
-    if fp_path.exists():
-        fp = Fingerprint.load(fp_path)
-        if sorted(c.case_id for c in fp.cases) != sorted(c.case_id for c in ds.cases):
-            fp = None
-    else:
+    fp = Fingerprint.load(fp_path) if fp_path.exists() else None
+    if fp is not None and sorted(c.case_id for c in fp.cases) != sorted(c.case_id for c in ds.cases):
         fp = None
-    if fp is None:
-        fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress)
+    with ProcessPoolExecutor(num_workers) if num_workers > 1 and len(ds.cases) > 1 else nullcontext() as pool:
+        if pool is not None:
+            pool.submit(int).result()  # the workers exist (are forked) before the importing thread starts
+        importer = _ImportInBackground(PLANNER)  # torch and MONAI load while the workers read the cases
+        problems = check_dataset(ds, num_workers=num_workers, progress=progress, executor=pool)
+        if problems:
+            importer.thread.join()  # no process may be forked (by a caller going on) while it imports
+            raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
+        timing["check_s"], t = time.perf_counter() - t, time.perf_counter()
+        if fp is None:
+            fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress, executor=pool)
+        timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
+        planner = importer.result()
+        timing["import_wait_s"], t = time.perf_counter() - t, time.perf_counter()
+    planner.resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     fp.save(fp_path)
     atomic_write_json(workdir / "source.json", {"dataset": str(Path(dataset).resolve())})
-    timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
     plans_path = workdir / "plans.json"
     if plans_path.exists():
         plans = Plans.load(plans_path)
         log.info("%s exists; keeping it (delete it to re-plan)", plans_path)
     else:
-        timer = StepTimer(timing_cache or default_timing_cache(), refresh=remeasure)
-        plans = plan_dataset(fp, device=device, memory_gb=memory_gb, configs=configs or list(DEFAULT_CONFIGS),
-                             time_budget_min=time_budget_min, throughput=throughput, variants=variants or ["plain"],
-                             timer=timer)
+        timer = planner.StepTimer(timing_cache or planner.default_timing_cache(), refresh=remeasure)
+        plans = planner.plan_dataset(fp, device=device, memory_gb=memory_gb,
+                                     configs=configs or list(planner.DEFAULT_CONFIGS), time_budget_min=time_budget_min,
+                                     throughput=throughput, variants=variants or ["plain"], timer=timer)
         plans.save(plans_path)
         if timer.measured or timer.reused:
             log.info("planner step times: %d measured, %d remembered from %s", timer.measured, timer.reused,
@@ -76,6 +87,28 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
     atomic_write_json(workdir / "plan_timing.json", timing)
     log.info("timing: %s", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()))
     return plans
+
+
+class _ImportInBackground:
+    """``importlib.import_module(name)`` on a thread; :meth:`result` waits and returns the module
+    (re-raising what the import raised). Start it only when no process will be forked until it ends."""
+
+    def __init__(self, name: str) -> None:
+        self.module, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(name,), name=f"import {name}", daemon=True)
+        self.thread.start()
+
+    def _run(self, name: str) -> None:
+        try:
+            self.module = importlib.import_module(name)
+        except BaseException as exc:  # handed to the caller by result()
+            self.error = exc
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.module
 
 
 def preprocess(workdir: Path, configs: list[str] | None = None, num_workers: int | None = None,

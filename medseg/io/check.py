@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -25,15 +25,19 @@ logger = logging.getLogger(__name__)
 _MAX_LISTED = 10  # values listed in one problem line
 
 
-def check_dataset(ds: Dataset, num_workers: int = 1, progress: bool = False) -> list[str]:
+def check_dataset(ds: Dataset, num_workers: int = 1, progress: bool = False,
+                  executor: Executor | None = None) -> list[str]:
     """Check every case of ``ds``; return the problem lines (empty when the dataset is clean).
 
-    Cases run in ``num_workers`` processes when > 1; lines come in case order either way.
-    ``progress`` shows a transient rich progress bar on stderr.
+    Cases run in ``num_workers`` processes when > 1 (in ``executor``'s when given); lines come in
+    case order either way. ``progress`` shows a transient rich progress bar on stderr.
     """
     check = partial(check_case, num_channels=ds.num_channels, labels=tuple(sorted(ds.labels)))
     problems: list[str] = []
-    if num_workers > 1 and len(ds.cases) > 1:
+    if executor is not None:
+        for lines in _with_progress(executor.map(check, ds.cases), len(ds.cases), progress):
+            problems.extend(lines)
+    elif num_workers > 1 and len(ds.cases) > 1:
         with ProcessPoolExecutor(max_workers=min(num_workers, len(ds.cases))) as pool:
             results = pool.map(check, ds.cases)
             for lines in _with_progress(results, len(ds.cases), progress):
