@@ -75,7 +75,7 @@ def plan(
     """Check, fingerprint and plan a dataset, then preprocess it."""
     from medseg import workflow
 
-    workflow.plan(dataset, output, memory_gb=memory_gb, device=_device(device), configs=_configs(configs),
+    workflow.plan(dataset, output, memory_gb=memory_gb, device=device, configs=_configs(configs),
                   time_budget_min=time_budget, preprocess=not no_preprocess, num_workers=workers, progress=True,
                   variants=_configs(variants), remeasure=remeasure)
     console.print(workflow.info(output))

@@ -95,13 +95,15 @@ def look_up(name: str, options: Iterable[str], what: str) -> str:
 
 
 def resolve_device(device: str | None) -> str:
-    """'cuda' when available unless told otherwise; 'cpu' else."""
+    """'cuda' when available unless told otherwise; 'cpu' else (``cpu`` without importing torch)."""
+    if device == "cpu":
+        return device
+    if device not in (None, "auto") and not device.startswith("cuda"):
+        raise MedsegError(f"--device {device}: expected cpu, cuda or cuda:N")
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MedsegError(f"--device {device}: CUDA is not available on this machine")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise MedsegError(f"--device {device}: expected cpu, cuda or cuda:N")
     return device

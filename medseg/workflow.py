@@ -18,7 +18,7 @@ from medseg.io.check import check_dataset
 from medseg.io.dataset import load_dataset
 from medseg.plans.schema import Plans
 from medseg.preprocessing.pipeline import preprocess_dataset
-from medseg.utils import atomic_write_json
+from medseg.utils import atomic_write_json, resolve_device
 
 # The planner imports torch and MONAI (~3 s on 2 cores); `plan` imports it while worker processes
 # check and fingerprint the dataset, so this module must not import it at the top.
@@ -31,12 +31,13 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device: str = "cpu",
+def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device: str | None = "cpu",
          configs: list[str] | None = None, time_budget_min: float | None = None, preprocess: bool = True,
          num_workers: int | None = None, progress: bool = False, throughput: float | None = None,
          variants: list[str] | None = None, timing_cache: Path | None = None, remeasure: bool = False) -> Plans:
     """check → fingerprint → plans → preprocess. Nothing is written before the check passes.
-    On a CPU, step times the planner measures are remembered in ``timing_cache`` (default
+    ``device`` None or "auto": CUDA when available (decided once torch has loaded). On a CPU, step
+    times the planner measures are remembered in ``timing_cache`` (default
     :func:`~medseg.plans.planner.default_timing_cache`); ``remeasure`` measures them again."""
     num_workers = num_workers or default_workers()
     timing: dict[str, float] = {}
@@ -64,6 +65,7 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
         planner = importer.result()
         timing["import_wait_s"], t = time.perf_counter() - t, time.perf_counter()
     planner.resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
+    device = resolve_device(device)
     workdir.mkdir(parents=True, exist_ok=True)
     fp.save(fp_path)
     atomic_write_json(workdir / "source.json", {"dataset": str(Path(dataset).resolve())})

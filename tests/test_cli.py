@@ -70,3 +70,13 @@ def test_plan_refuses_an_unknown_variant_before_writing_anything(tmp_path):
     root = make_msd_dataset(tmp_path / "ds", n_cases=3)
     _assert_clean_failure(run_medseg("plan", str(root), "-o", str(tmp_path / "wd"), "--variants", "plain,grpah"),
                           tmp_path / "wd", "did you mean 'graph'")
+
+
+def test_device_names_are_checked_before_torch_is_asked():
+    from medseg.errors import MedsegError
+    from medseg.utils import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device(None) in ("cpu", "cuda")
+    with pytest.raises(MedsegError, match="expected cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
