@@ -6,6 +6,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 from helpers import make_msd_dataset, run_medseg, truncate_file
 
 
