@@ -308,8 +308,12 @@ class Bench:
     # ---------------------------------------------------------------- 3. accuracy at an equal budget
 
     def fold0(self) -> tuple[list[str], list[str]]:
-        splits = json.loads((self.medseg_work / "splits.json").read_text())
-        return splits[0]["train"], splits[0]["val"]
+        """medseg's fold 0 (made as ``medseg train`` makes it when the plan is fresh)."""
+        from medseg.plans.schema import Plans
+        from medseg.training.loop import fold_case_ids
+
+        plans = Plans.load(self.medseg_work / "plans.json")
+        return fold_case_ids(self.medseg_work, plans, plans.configurations["3d_fullres"], 0)
 
     def evaluate(self, predictions: Path, cases: list[str], name: str) -> dict:
         labels = self.work / "labels" / name
