@@ -183,3 +183,22 @@ def test_percentile_is_torch_quantile_bit_for_bit():
     for n in [1, 2, 3, 20, 21, 101, 1000, 4097]:
         for values in (rng.random(n) * 30, np.sqrt(rng.integers(0, 40, n).astype(float))):  # ties too
             assert _percentile_95(values) == float(torch.quantile(torch.from_numpy(values.astype(np.float32)), 0.95))
+
+
+def test_hd95_equals_monai_bit_for_bit_on_many_random_mask_pairs():
+    rng = np.random.default_rng(2026)
+    compared = 0
+    for t in range(80):
+        ndim = 2 if t % 3 == 0 else 3
+        shape = tuple(int(s) for s in rng.integers(5, 70 if ndim == 2 else 36, size=ndim))
+        spacing = tuple(float(s) for s in rng.uniform(0.2, 6.0, size=ndim))
+        pred, ref = blobs(rng, shape, sigma=rng.uniform(0.5, 3.0)), blobs(rng, shape, sigma=rng.uniform(0.5, 3.0))
+        if t % 5 == 0:
+            pred = rng.random(shape) > 0.97  # scattered voxels
+        if t % 7 == 0:  # two single voxels in opposite corners: beyond the grid offsets, the k-d tree answers
+            pred, ref = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+            pred[(0,) * ndim], ref[(-1,) * ndim] = True, True
+        if pred.any() and ref.any():
+            assert hd95(pred, ref, spacing) == monai_hd95(pred, ref, spacing), (t, shape, spacing)
+            compared += 1
+    assert compared >= 60
