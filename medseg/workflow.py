@@ -54,14 +54,16 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
         if pool is not None:
             pool.submit(int).result()  # the workers exist (are forked) before the importing thread starts
         importer = _ImportInBackground(PLANNER)  # torch and MONAI load while the workers read the cases
-        problems = check_dataset(ds, num_workers=num_workers, progress=progress, executor=pool)
-        if problems:
-            importer.thread.join()  # no process may be forked (by a caller going on) while it imports
-            raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
-        timing["check_s"], t = time.perf_counter() - t, time.perf_counter()
-        if fp is None:
-            fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress, executor=pool)
-        timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
+        try:
+            problems = check_dataset(ds, num_workers=num_workers, progress=progress, executor=pool)
+            if problems:
+                raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
+            timing["check_s"], t = time.perf_counter() - t, time.perf_counter()
+            if fp is None:
+                fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress, executor=pool)
+            timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
+        finally:
+            importer.thread.join()  # also on errors: a caller going on must not fork while it imports
         planner = importer.result()
         timing["import_wait_s"], t = time.perf_counter() - t, time.perf_counter()
     planner.resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
