@@ -4,6 +4,7 @@ per-class voxel counts and volumes. Written as ``fingerprint.json``."""
 from __future__ import annotations
 
 from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -98,16 +99,10 @@ def compute_fingerprint(ds: Dataset, num_workers: int = 1, progress: bool = Fals
     from medseg.progress import track
 
     jobs = [(c, sorted(ds.labels), seed + i) for i, c in enumerate(ds.cases)]
-    if executor is not None:
-        results = list(track(executor.map(_fingerprint_case, jobs), total=len(jobs), description="fingerprint",
-                             enabled=progress))
-    elif num_workers > 1:
-        with ProcessPoolExecutor(num_workers) as pool:
-            results = list(track(pool.map(_fingerprint_case, jobs), total=len(jobs), description="fingerprint",
-                                 enabled=progress))
-    else:
-        results = list(track(map(_fingerprint_case, jobs), total=len(jobs), description="fingerprint",
-                             enabled=progress))
+    own_pool = executor is None and num_workers > 1
+    with ProcessPoolExecutor(num_workers) if own_pool else nullcontext(executor) as pool:
+        results = list(track(pool.map(_fingerprint_case, jobs) if pool is not None else map(_fingerprint_case, jobs),
+                             total=len(jobs), description="fingerprint", enabled=progress))
     channels = []
     for c, name in enumerate(ds.channel_names):
         v = np.concatenate([r[1][c] for r in results])

@@ -6,9 +6,8 @@ import importlib
 import json
 import logging
 import os
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -53,8 +52,10 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
     with ProcessPoolExecutor(num_workers) if num_workers > 1 and len(ds.cases) > 1 else nullcontext() as pool:
         if pool is not None:
             pool.submit(int).result()  # the workers exist (are forked) before the importing thread starts
-        importer = _ImportInBackground(PLANNER)  # torch and MONAI load while the workers read the cases
-        try:
+        # torch and MONAI load while the workers read the cases; leaving the `with` waits for the
+        # import on every path, so no caller going on forks a process while it runs
+        with ThreadPoolExecutor(1) as thread:
+            importing = thread.submit(importlib.import_module, PLANNER)
             problems = check_dataset(ds, num_workers=num_workers, progress=progress, executor=pool)
             if problems:
                 raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
@@ -62,10 +63,8 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
             if fp is None:
                 fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress, executor=pool)
             timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
-        finally:
-            importer.thread.join()  # also on errors: a caller going on must not fork while it imports
-        planner = importer.result()
-        timing["import_wait_s"], t = time.perf_counter() - t, time.perf_counter()
+            planner = importing.result()
+            timing["import_wait_s"], t = time.perf_counter() - t, time.perf_counter()
     planner.resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
     device = resolve_device(device)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -91,28 +90,6 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
     atomic_write_json(workdir / "plan_timing.json", timing)
     log.info("timing: %s", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()))
     return plans
-
-
-class _ImportInBackground:
-    """``importlib.import_module(name)`` on a thread; :meth:`result` waits and returns the module
-    (re-raising what the import raised). Start it only when no process will be forked until it ends."""
-
-    def __init__(self, name: str) -> None:
-        self.module, self.error = None, None
-        self.thread = threading.Thread(target=self._run, args=(name,), name=f"import {name}", daemon=True)
-        self.thread.start()
-
-    def _run(self, name: str) -> None:
-        try:
-            self.module = importlib.import_module(name)
-        except BaseException as exc:  # handed to the caller by result()
-            self.error = exc
-
-    def result(self):
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.module
 
 
 def preprocess(workdir: Path, configs: list[str] | None = None, num_workers: int | None = None,

@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from medseg.preprocessing.cropping import bbox_of, crop
+
 __all__ = [
     "case_metrics",
     "confusion",
@@ -90,9 +92,9 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray,
     if not pred.any() or not ref.any():
         raise ValueError("surface_distances needs two non-empty masks")
     spacing = tuple(float(s) for s in spacing)
-    box = _bounding_box(pred | ref)
+    box = bbox_of(pred | ref)
     pad = _offsets(spacing)[2]
-    edge_pred, edge_ref = _surface_frame(pred[box], pad), _surface_frame(ref[box], pad)
+    edge_pred, edge_ref = _surface_frame(crop(pred, box), pad), _surface_frame(crop(ref, box), pad)
     at_pred, at_ref = np.flatnonzero(edge_pred), np.flatnonzero(edge_ref)
     return _nearest(at_pred, edge_ref, at_ref, spacing), _nearest(at_ref, edge_pred, at_pred, spacing)
 
@@ -190,15 +192,6 @@ def _percentile_95(distances: np.ndarray) -> float:
 
     weight = torch.tensor([rank - np.float32(below)], dtype=torch.float32)
     return float(torch.tensor([low]).lerp_(torch.tensor([high]), weight)[0])
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The slices of the smallest box holding every nonzero voxel of a non-empty ``mask``."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 def _surface_frame(mask: np.ndarray, pad: np.ndarray) -> np.ndarray:

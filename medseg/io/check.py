@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -34,16 +35,10 @@ def check_dataset(ds: Dataset, num_workers: int = 1, progress: bool = False,
     """
     check = partial(check_case, num_channels=ds.num_channels, labels=tuple(sorted(ds.labels)))
     problems: list[str] = []
-    if executor is not None:
-        for lines in _with_progress(executor.map(check, ds.cases), len(ds.cases), progress):
-            problems.extend(lines)
-    elif num_workers > 1 and len(ds.cases) > 1:
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(ds.cases))) as pool:
-            results = pool.map(check, ds.cases)
-            for lines in _with_progress(results, len(ds.cases), progress):
-                problems.extend(lines)
-    else:
-        for lines in _with_progress(map(check, ds.cases), len(ds.cases), progress):
+    own_pool = executor is None and num_workers > 1 and len(ds.cases) > 1
+    with ProcessPoolExecutor(max_workers=min(num_workers, len(ds.cases))) if own_pool else nullcontext(executor) as pool:
+        for lines in _with_progress(pool.map(check, ds.cases) if pool is not None else map(check, ds.cases), len(ds.cases),
+                                    progress):
             problems.extend(lines)
     logger.debug("checked %d cases of %s: %d problem(s)", len(ds.cases), ds.root, len(problems))
     return problems
