@@ -1,6 +1,6 @@
 """Reversible vs plain U-Net memory on the CPU (measured, not modelled).
 
-1. Equal patch and batch: peak tensor memory of a real training step (medseg.memory.measure_training_peak)
+1. Equal patch and batch: peak tensor memory of a real training step (medseg.planning.memory.measure_training_peak)
    and the bytes autograd keeps for backward at the end of the forward pass (saved-tensor hook).
 2. The largest cubic patch whose measured training step fits a fixed budget.
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from medseg.memory import measure_training_peak, saved_for_backward_bytes
 from medseg.networks.unet import build_network, estimate_costs
-from medseg.plans.planner import VARIANTS
+from medseg.planning.memory import measure_training_peak, saved_for_backward_bytes
+from medseg.planning.planner import VARIANTS
 from medseg.plans.schema import Architecture
 from medseg.plans.topology import pooling_plan
 

@@ -22,7 +22,7 @@ def _max_rss_gb(path: Path) -> float | None:
 
 
 def collect(workdir: Path, variant: str) -> dict:
-    from medseg.memory import measure_training_peak
+    from medseg.planning.memory import measure_training_peak
     from medseg.plans.schema import Plans
 
     key = "3d_fullres" if variant == "plain" else f"3d_fullres_{variant}"

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from medseg.errors import MedsegError
+from medseg.workdir import WorkDir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Self-configuring medical image segmentation.")
 console = Console(stderr=True)
@@ -79,7 +80,7 @@ def plan(
                   time_budget_min=time_budget, preprocess=not no_preprocess, num_workers=workers, progress=True,
                   variants=_configs(variants), remeasure=remeasure)
     console.print(workflow.info(output))
-    console.print(f"[green]plans written to[/] {output / 'plans.json'}")
+    console.print(f"[green]plans written to[/] {WorkDir(output).plans}")
 
 
 @app.command()
@@ -119,7 +120,7 @@ def train(
     no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full validation."),
 ) -> None:
     """Train one fold, all five (-f all) or one model on every case (-f full) of a configuration."""
-    from medseg.training.crossval import parse_folds, train_folds
+    from medseg.orchestration.crossval import parse_folds, train_folds
 
     folds = parse_folds(workdir, config, fold)
     summary = train_folds(workdir, config, folds, epochs=epochs, iterations_per_epoch=iterations,
@@ -181,12 +182,12 @@ def find_best(
 ) -> None:
     """Choose the model on out-of-fold predictions: every configuration and pairwise ensemble, then
     postprocessing and the QC threshold. Writes model.json and find_best/ (table, plot)."""
-    from medseg.evaluation.selection import find_best as run
+    from medseg.orchestration.selection import find_best as run
     from medseg.workflow import default_workers
 
     chosen, report = run(workdir, configs=_configs(configs), num_workers=workers or default_workers(), progress=True)
     print(report)
-    console.print(f"[green]model.json written[/]: {workdir / 'model.json'}")
+    console.print(f"[green]model written[/]: {WorkDir(workdir).model}")
 
 
 @app.command()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import time
@@ -18,10 +17,11 @@ from medseg.io.dataset import load_dataset
 from medseg.plans.schema import Plans
 from medseg.preprocessing.pipeline import preprocess_dataset
 from medseg.utils import atomic_write_json, resolve_device
+from medseg.workdir import WorkDir
 
 # The planner imports torch and MONAI (~3 s on 2 cores); `plan` imports it while worker processes
 # check and fingerprint the dataset, so this module must not import it at the top.
-PLANNER = "medseg.plans.planner"
+PLANNER = "medseg.planning.planner"
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,15 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
     """check → fingerprint → plans → preprocess. Nothing is written before the check passes.
     ``device`` None or "auto": CUDA when available (decided once torch has loaded). On a CPU, step
     times the planner measures are remembered in ``timing_cache`` (default
-    :func:`~medseg.plans.planner.default_timing_cache`); ``remeasure`` measures them again."""
+    :func:`~medseg.planning.planner.default_timing_cache`); ``remeasure`` measures them again."""
     num_workers = num_workers or default_workers()
     timing: dict[str, float] = {}
     t = time.perf_counter()
     ds = load_dataset(dataset)
     for note in ds.notes:
         log.info("note: %s", note)
-    workdir = Path(workdir)
-    fp_path = workdir / "fingerprint.json"
-    fp = Fingerprint.load(fp_path) if fp_path.exists() else None
+    work = WorkDir(workdir)
+    fp = Fingerprint.load(work.fingerprint) if work.fingerprint.exists() else None
     if fp is not None and sorted(c.case_id for c in fp.cases) != sorted(c.case_id for c in ds.cases):
         fp = None
     with ProcessPoolExecutor(num_workers) if num_workers > 1 and len(ds.cases) > 1 else nullcontext() as pool:
@@ -67,38 +66,36 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
             timing["import_wait_s"], t = time.perf_counter() - t, time.perf_counter()
     planner.resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
     device = resolve_device(device)
-    workdir.mkdir(parents=True, exist_ok=True)
-    fp.save(fp_path)
-    atomic_write_json(workdir / "source.json", {"dataset": str(Path(dataset).resolve())})
-    plans_path = workdir / "plans.json"
-    if plans_path.exists():
-        plans = Plans.load(plans_path)
-        log.info("%s exists; keeping it (delete it to re-plan)", plans_path)
+    work.root.mkdir(parents=True, exist_ok=True)
+    fp.save(work.fingerprint)
+    work.write_source(dataset)
+    if work.plans.exists():
+        plans = Plans.load(work.plans)
+        log.info("%s exists; keeping it (delete it to re-plan)", work.plans)
     else:
         timer = planner.StepTimer(timing_cache or planner.default_timing_cache(), refresh=remeasure)
         plans = planner.plan_dataset(fp, device=device, memory_gb=memory_gb,
                                      configs=configs or list(planner.DEFAULT_CONFIGS), time_budget_min=time_budget_min,
                                      throughput=throughput, variants=variants or ["plain"], timer=timer)
-        plans.save(plans_path)
+        plans.save(work.plans)
         if timer.measured or timer.reused:
             log.info("planner step times: %d measured, %d remembered from %s", timer.measured, timer.reused,
                      timer.cache)
     timing["plan_s"], t = time.perf_counter() - t, time.perf_counter()
     if preprocess:
-        preprocess_dataset(ds, plans, workdir, num_workers=num_workers, progress=progress)
+        preprocess_dataset(ds, plans, work.root, num_workers=num_workers, progress=progress)
         timing["preprocess_s"] = time.perf_counter() - t
-    atomic_write_json(workdir / "plan_timing.json", timing)
+    atomic_write_json(work.plan_timing, timing)
     log.info("timing: %s", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()))
     return plans
 
 
 def preprocess(workdir: Path, configs: list[str] | None = None, num_workers: int | None = None,
                progress: bool = False) -> dict[str, int]:
-    workdir = Path(workdir)
-    plans = Plans.load(workdir / "plans.json")
-    source = json.loads((workdir / "source.json").read_text())
-    ds = load_dataset(source["dataset"])
-    return preprocess_dataset(ds, plans, workdir, configs=configs, num_workers=num_workers or default_workers(),
+    work = WorkDir(workdir)
+    plans = Plans.load(work.plans)
+    ds = load_dataset(work.dataset_path())
+    return preprocess_dataset(ds, plans, work.root, configs=configs, num_workers=num_workers or default_workers(),
                               progress=progress)
 
 
@@ -110,7 +107,7 @@ NNUNET_REFERENCE = {
 
 def info(workdir: Path) -> str:
     """The plan in nnU-Net's terms: spacing, patch, batch, stages and features, and why."""
-    plans = Plans.load(Path(workdir) / "plans.json")
+    plans = Plans.load(WorkDir(workdir).plans)
     lines = [f"dataset {plans.dataset_name}: {len(plans.channel_names)} channel(s) {plans.channel_names}, "
              f"labels {plans.labels}, planned for {plans.device}"]
     for name, c in plans.configurations.items():

@@ -3,10 +3,9 @@ for other sizes/spacings/seeds (``from helpers import make_msd_dataset``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 from helpers import make_msd_dataset, make_nnunetv2_dataset, shared_data
@@ -53,5 +52,5 @@ def tiny_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_model")
     ds = make_msd_dataset(root / "ds", n_cases=4)
     _tiny_plan(ds, root / "wd")
-    train_fold(root / "wd", "3d_fullres", 0, epochs=1, validate_full=False)
+    train_fold(root / "wd", "3d_fullres", 0, epochs=1)
     return root / "wd"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medseg import workflow
-from medseg.plans.planner import LOWRES_MIN_REDUCTION, lowres_spacing
+from medseg.planning.planner import LOWRES_MIN_REDUCTION, lowres_spacing
 from medseg.plans.schema import Plans
 from medseg.training.cascade import augment_prior
 
@@ -52,8 +52,8 @@ def test_brats_cascade_plan_train_predict(shared_data_dir, tmp_path):
     """A 0.5 GB budget forces a low-resolution stage on 240x240x155 BraTS; lowres (2 folds) then the
     cascade (fold 0) train for a few iterations, and predict runs both stages on a raw case."""
     from medseg.inference.predictor import predict_folder
+    from medseg.orchestration.crossval import parse_folds, train_folds
     from medseg.preprocessing.pipeline import load_properties, preprocess_label
-    from medseg.training.crossval import parse_folds, train_folds
 
     ds = shared_data_dir / "brats-subset"
     wd = tmp_path / "wd"

@@ -11,10 +11,10 @@ from helpers import make_case, make_msd_dataset, run_medseg, write_nifti
 
 from medseg import workflow
 from medseg.errors import MedsegError
-from medseg.evaluation.selection import find_best
 from medseg.inference.predictor import predict_folder
+from medseg.orchestration.crossval import parse_folds, train_folds
+from medseg.orchestration.selection import find_best
 from medseg.plans.schema import ChosenModel, Plans
-from medseg.training.crossval import parse_folds, train_folds
 
 
 def _tiny_two_configs(dataset, workdir):
@@ -88,8 +88,8 @@ def test_find_best_decides_mirroring_on_out_of_fold_predictions_without_it(cross
     assert "without" in inf.decided and inf.decided in report
     # the Dice without mirroring is that of the unmirrored out-of-fold probabilities, recomputed here
     from medseg.evaluation.metrics import case_metrics
-    from medseg.evaluation.selection import OutOfFold
     from medseg.inference.probabilities import load_probabilities
+    from medseg.orchestration.selection import OutOfFold
 
     plans = Plans.load(cross_validated / "plans.json")
     source = OutOfFold(cross_validated, plans, chosen.members)

@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pred")
     ds = make_msd_dataset(root / "ds", n_cases=4)
     _tiny_plan(ds, root / "wd")
-    train_fold(root / "wd", "3d_fullres", 0, epochs=1, validate_full=False)
+    train_fold(root / "wd", "3d_fullres", 0, epochs=1)
     return root / "wd"
 
 
@@ -102,7 +102,7 @@ def test_save_attention_writes_one_coefficient_volume_per_gate_in_the_input_grid
     gated.architecture.blocks.attention_gates = True
     plans.configurations[gated.key] = gated
     plans.save(trained / "plans.json")
-    train_fold(trained, gated.key, 0, epochs=1, validate_full=False)
+    train_fold(trained, gated.key, 0, epochs=1)
     image, _ = make_case(shape=(22, 19, 17), seed=6)
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(image[0], np.diag([1.1, 0.9, 1.3, 1.0])), tmp_path / "in" / "y.nii.gz")

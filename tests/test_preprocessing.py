@@ -17,7 +17,7 @@ from helpers import make_case, shared_data
 from medseg.fingerprint import compute_fingerprint
 from medseg.io.dataset import Dataset, load_dataset, read_case_image, read_case_label
 from medseg.io.image import Geometry
-from medseg.plans.planner import plan_dataset
+from medseg.planning.planner import plan_dataset
 from medseg.plans.schema import Configuration, Normalization
 from medseg.preprocessing.cropping import bbox_of, crop, nonzero_mask
 from medseg.preprocessing.normalization import normalize
@@ -26,9 +26,9 @@ from medseg.preprocessing.pipeline import (
     preprocess_dataset,
     preprocess_image,
     preprocess_label,
-    preprocessed_dir,
 )
 from medseg.preprocessing.resampling import new_shape_for, resample_image, resample_labels
+from medseg.workdir import WorkDir
 
 CPU_FLOPS = 5e10
 REAL_CASES = [("hippocampus", 0), ("hippocampus", 1), ("spleen-ct", 0)]
@@ -232,7 +232,7 @@ def test_preprocess_dataset_writes_arrays_and_properties(msd_dataset: Path, tmp_
     plans = _plan_msd(msd_dataset)
     ds = load_dataset(msd_dataset)
     assert preprocess_dataset(ds, plans, tmp_path / "work") == {"3d_fullres": 4}
-    out = preprocessed_dir(tmp_path / "work", "3d_fullres")
+    out = WorkDir(tmp_path / "work").preprocessed("3d_fullres")
     data = np.load(out / "case_000.npy")
     seg = np.load(out / "case_000_seg.npy")
     assert data.dtype == np.float32 and data.ndim == 4 and data.shape[0] == 1
@@ -248,7 +248,7 @@ def test_preprocess_dataset_resumes_redoing_only_missing_cases(msd_dataset: Path
     ds = load_dataset(msd_dataset)
     work = tmp_path / "work"
     assert preprocess_dataset(ds, plans, work) == {"3d_fullres": 4}
-    out = preprocessed_dir(work, "3d_fullres")
+    out = WorkDir(work).preprocessed("3d_fullres")
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith("case_002")}
     before = (out / "case_002.npy").read_bytes()
     for suffix in (".npy", "_seg.npy", ".json"):
@@ -263,7 +263,7 @@ def test_case_without_its_properties_file_counts_as_unfinished(msd_dataset: Path
     plans = _plan_msd(msd_dataset)
     ds = load_dataset(msd_dataset)
     preprocess_dataset(ds, plans, tmp_path / "work")
-    (preprocessed_dir(tmp_path / "work", "3d_fullres") / "case_001.json").unlink()
+    (WorkDir(tmp_path / "work").preprocessed("3d_fullres") / "case_001.json").unlink()
     assert preprocess_dataset(ds, plans, tmp_path / "work") == {"3d_fullres": 1}
 
 
@@ -272,7 +272,7 @@ def test_preprocessing_is_deterministic_across_runs_and_workers(msd_dataset: Pat
     ds = load_dataset(msd_dataset)
     preprocess_dataset(ds, plans, tmp_path / "a", num_workers=1)
     preprocess_dataset(ds, plans, tmp_path / "b", num_workers=2)
-    a, b = preprocessed_dir(tmp_path / "a", "3d_fullres"), preprocessed_dir(tmp_path / "b", "3d_fullres")
+    a, b = WorkDir(tmp_path / "a").preprocessed("3d_fullres"), WorkDir(tmp_path / "b").preprocessed("3d_fullres")
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
     assert len([n for n in names if n.endswith(".npy")]) == 8

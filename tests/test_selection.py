@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medseg.evaluation.selection import choose, decide_postprocessing, qc_figures, select_model
 from medseg.inference.postprocessing import apply_postprocessing, keep_largest_foreground, keep_largest_per_class
 from medseg.inference.probabilities import load_probabilities, load_qc_score, save_probabilities
 from medseg.inference.uncertainty import entropy_map, qc_score, spearman
+from medseg.orchestration.selection import choose, decide_postprocessing, qc_figures, select_model
 
 LABELS = {0: "background", 1: "a", 2: "b"}
 

@@ -9,8 +9,8 @@ import torch
 
 from medseg import workflow
 from medseg.errors import CheckpointError
+from medseg.networks.checkpoint import load_checkpoint
 from medseg.plans.schema import Plans
-from medseg.training.checkpoint import load_checkpoint
 from medseg.training.loop import poly_lr, train_fold
 from medseg.training.splits import make_splits
 
@@ -40,9 +40,9 @@ def test_resume_gives_identical_weights(msd_dataset, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _tiny_plan(msd_dataset, a)
     _tiny_plan(msd_dataset, b)
-    run_a = train_fold(a, "3d_fullres", 0, epochs=2, validate_full=False)
-    train_fold(b, "3d_fullres", 0, epochs=1, validate_full=False)
-    run_b = train_fold(b, "3d_fullres", 0, epochs=2, resume=True, validate_full=False)
+    run_a = train_fold(a, "3d_fullres", 0, epochs=2)
+    train_fold(b, "3d_fullres", 0, epochs=1)
+    run_b = train_fold(b, "3d_fullres", 0, epochs=2, resume=True)
     wa, wb = _weights(run_a), _weights(run_b)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -56,17 +56,17 @@ def test_resume_gives_identical_weights(msd_dataset, tmp_path):
 def test_existing_run_needs_resume_and_resume_needs_a_run(msd_dataset, tmp_path):
     _tiny_plan(msd_dataset, tmp_path)
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        train_fold(tmp_path, "3d_fullres", 0, epochs=1, resume=True, validate_full=False)
-    train_fold(tmp_path, "3d_fullres", 0, epochs=1, validate_full=False)
+        train_fold(tmp_path, "3d_fullres", 0, epochs=1, resume=True)
+    train_fold(tmp_path, "3d_fullres", 0, epochs=1)
     with pytest.raises(CheckpointError, match="--resume"):
-        train_fold(tmp_path, "3d_fullres", 0, epochs=1, validate_full=False)
-    run = train_fold(tmp_path, "3d_fullres", 0, epochs=2, resume=True, validate_full=False)  # extend a finished run
+        train_fold(tmp_path, "3d_fullres", 0, epochs=1)
+    run = train_fold(tmp_path, "3d_fullres", 0, epochs=2, resume=True)  # extend a finished run
     assert load_checkpoint(run / "checkpoint_final.pt")["epoch"] == 2
 
 
 def test_checkpoints_load_with_weights_only(msd_dataset, tmp_path):
     _tiny_plan(msd_dataset, tmp_path)
-    run = train_fold(tmp_path, "3d_fullres", 1, epochs=1, validate_full=False)
+    run = train_fold(tmp_path, "3d_fullres", 1, epochs=1)
     for name in ("latest", "best", "final"):
         state = torch.load(run / f"checkpoint_{name}.pt", weights_only=True)
         assert "model" in state
@@ -99,7 +99,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(msd_dataset
     a, b = tmp_path / "a", tmp_path / "b"
     _tiny_plan(msd_dataset, a)
     _tiny_plan(msd_dataset, b)
-    run_a = train_fold(a, "3d_fullres", 0, epochs=8, validate_full=False)
+    run_a = train_fold(a, "3d_fullres", 0, epochs=8)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "medseg", "train", str(b), "-c", "3d_fullres", "-f", "0",
                              "--epochs", "8", "--no-validation"], env=env, stdout=subprocess.DEVNULL,
@@ -112,7 +112,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(msd_dataset
     proc.wait()
     run_b = log.parent
     assert not (run_b / "checkpoint_final.pt").exists(), "the run finished before it could be killed"
-    train_fold(b, "3d_fullres", 0, epochs=8, resume=True, validate_full=False)
+    train_fold(b, "3d_fullres", 0, epochs=8, resume=True)
     wa, wb = _weights(run_a), _weights(run_b)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
@@ -129,7 +129,7 @@ def test_a_variant_trains_into_its_own_run_and_shares_the_preprocessed_data(msd_
     variant.architecture.blocks.squeeze_excitation = "cse"
     plans.configurations[variant.key] = variant
     plans.save(tmp_path / "plans.json")
-    run = train_fold(tmp_path, "3d_fullres_attention", 0, epochs=1, validate_full=False)
+    run = train_fold(tmp_path, "3d_fullres_attention", 0, epochs=1)
     assert run == tmp_path / "runs" / "3d_fullres_attention" / "fold_0"
     assert not (tmp_path / "preprocessed" / "3d_fullres_attention").exists()
     written = predict_folder(msd_dataset / "imagesTr", tmp_path / "pred", tmp_path, config_name="3d_fullres_attention",

@@ -37,6 +37,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from medseg.errors import MedsegError
+from medseg.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,9 @@ class NodeConfig(BaseModel):
         d = config.destination
         if not d.stow_url and not (d.ae_title and d.port):
             raise MedsegError(f"{path}: destination needs ae_title + port (C-STORE) or stow_url (STOW-RS)")
-        if not (Path(config.model_dir) / "plans.json").exists():
-            raise MedsegError(f"{config.model_dir}: not a trained work directory (no plans.json)")
+        plans = WorkDir(config.model_dir).plans
+        if not plans.exists():
+            raise MedsegError(f"{config.model_dir}: not a trained work directory (no {plans.name})")
         return config
 
 

@@ -25,11 +25,12 @@ from medseg.inference.uncertainty import entropy_map
 from medseg.io.dataset import Case, read_case_image
 from medseg.io.dicom import Series
 from medseg.io.image import image_suffix, write_image
+from medseg.networks.checkpoint import load_checkpoint
 from medseg.networks.unet import build_network
 from medseg.plans.schema import ChosenModel, Configuration, Plans
 from medseg.preprocessing.pipeline import export_probability_maps, preprocess_image, prior_channels
-from medseg.training.checkpoint import load_checkpoint
 from medseg.utils import atomic_write_json
+from medseg.workdir import Fold, WorkDir
 
 log = logging.getLogger(__name__)
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -103,16 +104,12 @@ def read_input(case: InputCase, num_channels: int):
     return image, geometry
 
 
-def run_dir(workdir: Path, config: str, fold: int | str) -> Path:
-    return Path(workdir) / "runs" / config / f"fold_{fold}"
-
-
-def load_models(workdir: Path, plans: Plans, config: Configuration, folds: list[int | str], device: str,
+def load_models(workdir: Path | WorkDir, plans: Plans, config: Configuration, folds: list[Fold], device: str,
                 checkpoint: str = "final") -> list[torch.nn.Module]:
+    work = WorkDir.of(workdir)
     models = []
     for fold in folds:
-        rd = run_dir(workdir, config.key, fold)
-        path = rd / f"checkpoint_{checkpoint}.pt"
+        path = work.run(config.key, fold).checkpoint(checkpoint)
         if not path.exists() and checkpoint == "final":
             raise CheckpointError(f"{path}: no final checkpoint; finish training fold {fold} of {config.key} first")
         state = load_checkpoint(path, map_location=device)
@@ -122,19 +119,9 @@ def load_models(workdir: Path, plans: Plans, config: Configuration, folds: list[
     return models
 
 
-def available_folds(workdir: Path, config: str) -> list[int | str]:
-    base = Path(workdir) / "runs" / config
-    folds = []
-    for d in sorted(base.glob("fold_*")) if base.exists() else []:
-        if (d / "checkpoint_final.pt").exists():
-            tag = d.name.removeprefix("fold_")
-            folds.append(int(tag) if tag.isdigit() else tag)
-    return folds
-
-
-def default_folds(workdir: Path, config: str) -> list[int | str]:
+def default_folds(workdir: Path | WorkDir, config: str) -> list[Fold]:
     """The cross-validation folds when any is finished, else the model trained on all cases (``full``)."""
-    folds = available_folds(workdir, config)
+    folds = WorkDir.of(workdir).trained_folds(config)
     numbered = [f for f in folds if isinstance(f, int)]
     return numbered or folds
 
@@ -149,7 +136,7 @@ class Stage:
     previous: Stage | None = None
 
 
-def load_stage(workdir: Path, plans: Plans, key: str, folds: list[int | str] | None, device: str) -> Stage:
+def load_stage(workdir: Path | WorkDir, plans: Plans, key: str, folds: list[Fold] | None, device: str) -> Stage:
     config = plans.config(key)
     folds = folds if folds is not None else default_folds(workdir, config.key)
     if not folds:
@@ -215,20 +202,19 @@ def ensemble(predictions: list[CasePrediction]) -> CasePrediction:
     return CasePrediction(probs, [s for p in predictions for s in p.qc_scores])
 
 
-def _chosen_model(workdir: Path, plans: Plans, config_name: str | None,
-                  folds: list[int | str] | None) -> tuple[list[str], dict, ChosenModel | None]:
+def _chosen_model(work: WorkDir, plans: Plans, config_name: str | None,
+                  folds: list[Fold] | None) -> tuple[list[str], dict, ChosenModel | None]:
     """Which configurations and folds to run: ``config_name`` when given, else ``model.json``, else
     the single trained configuration (3d_fullres first)."""
-    model_json = Path(workdir) / "model.json"
-    if config_name is None and model_json.exists():
-        chosen = ChosenModel.load(model_json)
+    if config_name is None and work.model.exists():
+        chosen = ChosenModel.load(work.model)
         if folds is not None:
             return chosen.members, {m: folds for m in chosen.members}, chosen
         return chosen.members, dict(chosen.folds), chosen
     if config_name is None:
-        trained = [c for c in plans.configurations if available_folds(workdir, c)]
+        trained = [c for c in plans.configurations if work.trained_folds(c)]
         if not trained:
-            raise CheckpointError(f"{workdir}: no trained configuration (no runs/*/fold_*/checkpoint_final.pt)")
+            raise CheckpointError(f"{work}: no trained configuration (no {work.describe_trained()})")
         config_name = "3d_fullres" if "3d_fullres" in trained else trained[0]
     key = plans.config(config_name).key
     return [key], {key: folds}, None
@@ -248,10 +234,10 @@ class LoadedModel:
     @classmethod
     def load(cls, workdir: Path, *, config_name: str | None = None, folds: list[int | str] | None = None,
              device: str = "cpu") -> LoadedModel:
-        workdir = Path(workdir)
-        plans = Plans.load(workdir / "plans.json")
-        members, member_folds, chosen = _chosen_model(workdir, plans, config_name, folds)
-        stages = [load_stage(workdir, plans, m, member_folds[m], device) for m in members]
+        work = WorkDir.of(workdir)
+        plans = Plans.load(work.plans)
+        members, member_folds, chosen = _chosen_model(work, plans, config_name, folds)
+        stages = [load_stage(work, plans, m, member_folds[m], device) for m in members]
         return cls(plans, members, chosen, stages, device)
 
 

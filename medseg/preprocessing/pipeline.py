@@ -7,7 +7,6 @@ sampling). The json is written last, so its presence marks a finished case (resu
 
 from __future__ import annotations
 
-import io
 import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,7 +25,8 @@ from medseg.preprocessing.resampling import (
     resample_labels,
     resample_probabilities,
 )
-from medseg.utils import atomic_write_bytes, atomic_write_json
+from medseg.utils import atomic_save_npy, atomic_write_json
+from medseg.workdir import WorkDir
 
 LOCATIONS_PER_CLASS = 10_000
 
@@ -103,12 +103,6 @@ def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator
     return out
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int]) -> str:
     case, config, labels, out_dir, seed = args
     image, geometry = read_case_image(case)
@@ -117,14 +111,10 @@ def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int]) -> 
     seg = preprocess_label(label, props, config, labels)
     props["case_id"] = case.case_id
     props["class_locations"] = class_locations(seg, labels, np.random.default_rng(seed))
-    _save_npy(out_dir / f"{case.case_id}.npy", data.astype(np.float32))
-    _save_npy(out_dir / f"{case.case_id}_seg.npy", seg[None].astype(np.int8))
+    atomic_save_npy(out_dir / f"{case.case_id}.npy", data.astype(np.float32))
+    atomic_save_npy(out_dir / f"{case.case_id}_seg.npy", seg[None].astype(np.int8))
     atomic_write_json(out_dir / f"{case.case_id}.json", props)
     return case.case_id
-
-
-def preprocessed_dir(workdir: Path, config: str) -> Path:
-    return Path(workdir) / "preprocessed" / config
 
 
 def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[str] | None = None,
@@ -139,7 +129,7 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
         config = plans.config(key)
         by_data.setdefault(config.data_config, config)  # the cascade preprocesses exactly as 3d_fullres
     for name, config in by_data.items():
-        out_dir = preprocessed_dir(workdir, name)
+        out_dir = WorkDir.of(workdir).preprocessed(name)
         out_dir.mkdir(parents=True, exist_ok=True)
         todo = [c for c in ds.cases if not (out_dir / f"{c.case_id}.json").exists()]
         jobs = [(c, config, sorted(plans.labels), out_dir, plans.seed + ds.cases.index(c)) for c in todo]

@@ -1,9 +1,9 @@
 """The cascade's full-resolution stage: its extra input is the low-resolution stage's segmentation.
 
-Training uses the previous stage's *out-of-fold* predictions (``runs/<prev>/fold_k/val/<case>``):
+Training uses the previous stage's *out-of-fold* predictions (each fold's ``val/<case>``):
 each case's prior comes from the fold that did not train on it, so the cascade learns from the
 errors the previous stage really makes on unseen cases. The priors are resampled once into the
-full-resolution preprocessed grid (``priors/<prev>/<case>.npy``, int8 (1, *S)).
+full-resolution preprocessed grid (the work directory's priors folder, ``<case>.npy``, int8 (1, *S)).
 
 During training the prior is augmented as in nnU-Net (:func:`augment_prior`): random
 dilation/erosion/opening/closing per class and removal of a random connected component, so that
@@ -21,8 +21,10 @@ from scipy import ndimage
 from medseg.errors import MedsegError
 from medseg.io.image import read_image
 from medseg.plans.schema import Configuration, Plans
-from medseg.preprocessing.pipeline import load_properties, preprocess_label, preprocessed_dir
-from medseg.utils import atomic_write_bytes
+from medseg.preprocessing.pipeline import load_properties, preprocess_label
+from medseg.progress import track
+from medseg.utils import atomic_save_npy
+from medseg.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -32,42 +34,38 @@ P_REMOVE_COMPONENT = 0.2  # per sample, per class
 REMOVE_IF_COVERS_AT_MOST = 0.15  # of the patch; larger components are never removed
 
 
-def oof_path(workdir: Path, previous_key: str, case_id: str) -> Path:
+def oof_path(workdir: Path | WorkDir, previous_key: str, case_id: str) -> Path:
     """The previous stage's out-of-fold label map file of ``case_id``."""
-    hits = sorted((Path(workdir) / "runs" / previous_key).glob(f"fold_[0-9]*/val/{case_id}.nii.gz"))
+    work = WorkDir.of(workdir)
+    hits = work.cv_prediction_files(previous_key, case_id)
     if not hits:
-        raise MedsegError(f"{Path(workdir) / 'runs' / previous_key}: no out-of-fold prediction of case {case_id}; "
+        raise MedsegError(f"{work.runs(previous_key)}: no out-of-fold prediction of case {case_id}; "
                           f"train every fold of {previous_key} first (medseg train -c {previous_key} -f all)")
     return hits[0]
 
 
-def oof_segmentation(workdir: Path, previous_key: str, case_id: str) -> np.ndarray:
+def oof_segmentation(workdir: Path | WorkDir, previous_key: str, case_id: str) -> np.ndarray:
     """The previous stage's out-of-fold label map of ``case_id`` (input grid)."""
     return read_image(oof_path(workdir, previous_key, case_id))[0][0].astype(np.int16)
 
 
-def build_priors(workdir: Path, plans: Plans, config: Configuration) -> Path:
+def build_priors(workdir: Path | WorkDir, plans: Plans, config: Configuration) -> Path:
     """Resample every case's out-of-fold previous-stage prediction into ``config``'s preprocessed grid
     (again for a case whose prediction is newer than its prior, e.g. after retraining that stage)."""
-    import io
-
-    from medseg.progress import track
-
+    work = WorkDir.of(workdir)
     prev = plans.config(config.previous_stage).key
-    data = preprocessed_dir(workdir, config.data_config)
-    out = Path(workdir) / "priors" / prev
+    data = work.preprocessed(config.data_config)
+    out = work.priors(prev)
     out.mkdir(parents=True, exist_ok=True)
     ids = sorted(p.stem for p in data.glob("*.json"))
-    sources = {c: oof_path(workdir, prev, c) for c in ids}
+    sources = {c: oof_path(work, prev, c) for c in ids}
     todo = [c for c in ids if not (out / f"{c}.npy").exists()
             or (out / f"{c}.npy").stat().st_mtime < sources[c].stat().st_mtime]
     for cid in track(todo, total=len(todo), description=f"priors from {prev}", enabled=bool(todo)):
         props = load_properties(data, cid)
         oof = read_image(sources[cid])[0][0].astype(np.int16)
         seg = preprocess_label(oof, props, config, sorted(plans.labels))
-        buf = io.BytesIO()
-        np.save(buf, seg[None].astype(np.int8))
-        atomic_write_bytes(out / f"{cid}.npy", buf.getvalue())
+        atomic_save_npy(out / f"{cid}.npy", seg[None].astype(np.int8))
     return out
 
 

@@ -20,16 +20,18 @@ import numpy as np
 import torch
 
 from medseg import __version__
-from medseg.errors import CheckpointError, MedsegError
+from medseg.errors import CheckpointError
+from medseg.networks.checkpoint import load_checkpoint, save_checkpoint
 from medseg.networks.unet import build_network
 from medseg.plans.schema import Configuration, Plans
-from medseg.preprocessing.pipeline import preprocessed_dir
-from medseg.training.checkpoint import load_checkpoint, save_checkpoint
+from medseg.progress import make_progress
+from medseg.training.cascade import build_priors
 from medseg.training.curves import plot_curves
 from medseg.training.data import BatchSource
 from medseg.training.losses import DeepSupervisionLoss
-from medseg.training.splits import NUM_FOLDS, load_or_create_splits
+from medseg.training.splits import NUM_FOLDS, fold_case_ids
 from medseg.utils import atomic_write_text
+from medseg.workdir import FULL, WorkDir
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
@@ -63,23 +65,6 @@ def _progress(epoch: int, elapsed_s: float, budget: Budget) -> float:
     return p
 
 
-FULL = "full"  # the fold tag of a model trained on every case (nnU-Net's "all")
-
-
-def fold_case_ids(workdir: Path, plans: Plans, config: Configuration, fold: int | str) -> tuple[list[str], list[str]]:
-    """(training, validation) case ids of a fold; ``full`` trains on all and watches a tenth of them."""
-    folder = preprocessed_dir(workdir, config.data_config)
-    ids = sorted(p.stem for p in folder.glob("*.json"))
-    if not ids:
-        raise MedsegError(f"{folder}: no preprocessed cases; run `medseg plan` (or `medseg preprocess`) first")
-    if fold == FULL:
-        return ids, ids[: max(1, len(ids) // 10)]
-    splits = load_or_create_splits(workdir, ids, plans.seed)
-    if not (0 <= int(fold) < len(splits)):
-        raise MedsegError(f"fold {fold} does not exist; splits.json has folds 0..{len(splits) - 1}")
-    return splits[int(fold)]["train"], splits[int(fold)]["val"]
-
-
 def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> np.ndarray:
     """Per-foreground-class (tp, fp, fn) of the argmax on a batch: shape (K-1, 3)."""
     pred = logits.argmax(1)
@@ -93,29 +78,27 @@ def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> 
 
 def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int | None = None,
                iterations_per_epoch: int | None = None, time_budget_min: float | None = None,
-               resume: bool = False, device: str = "cpu", num_workers: int | None = None, validate_full: bool = True,
+               resume: bool = False, device: str = "cpu", num_workers: int | None = None,
                progress: bool = False) -> Path:
     """Train one fold (0..4, or "full": all cases) of a configuration. Returns the run directory.
     A cascade stage needs its previous stage's out-of-fold predictions (all its folds trained).
+    The full validation of the fold's held-out cases is a separate stage
+    (:func:`medseg.orchestration.validation.validate_fold`).
 
     ``num_workers``: augmentation processes (default 1 on CPU, up to 8 on CUDA)."""
-    workdir = Path(workdir)
+    work = WorkDir.of(workdir)
     if num_workers is None:  # on a CPU the cores belong to torch; a GPU wants augmentation in parallel
         num_workers = 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
-    plans = Plans.load(workdir / "plans.json")
+    plans = Plans.load(work.plans)
     config = plans.config(config_name)
-    run = workdir / "runs" / config.key / f"fold_{fold}"
-    latest = run / "checkpoint_latest.pt"
+    run_dir = work.run(config.key, fold)
+    run, latest = run_dir.path, run_dir.latest
     if latest.exists() and not resume:
         raise CheckpointError(f"{run}: a run exists already; pass --resume to continue it (or delete the folder)")
     if resume and not latest.exists():
         raise CheckpointError(f"{latest}: nothing to resume")
-    train_ids, val_ids = fold_case_ids(workdir, plans, config, fold)
-    prior_folder = None
-    if config.previous_stage:
-        from medseg.training.cascade import build_priors
-
-        prior_folder = build_priors(workdir, plans, config)
+    train_ids, val_ids = fold_case_ids(work, plans, config, fold)
+    prior_folder = build_priors(work, plans, config) if config.previous_stage else None
     budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
     seed = plans.seed + (NUM_FOLDS if fold == FULL else int(fold))
     torch.manual_seed(seed)
@@ -137,7 +120,7 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
         state = {k: ckpt[k] for k in state}
         log.info("resumed %s at epoch %d", run, state["epoch"])
     run.mkdir(parents=True, exist_ok=True)
-    folder = preprocessed_dir(workdir, config.data_config)
+    folder = work.preprocessed(config.data_config)
     prior = dict(prior_folder=prior_folder, num_classes=n_classes)
     train_src = BatchSource(folder, train_ids, config.patch_size, config.batch_size,
                             oversample_foreground=t.oversample_foreground, augment=True, seed=seed,
@@ -147,15 +130,13 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
     meta = {"plans_config": config.model_dump(), "fold": fold, "device": device, "budget": asdict(budget),
             "train_cases": len(train_ids), "val_cases": len(val_ids), "seed": seed, "medseg_version": __version__,
             "torch_version": torch.__version__}
-    atomic_write_text(run / "run.json", json.dumps(meta, indent=2))
-    log_path = run / "log.jsonl"
+    atomic_write_text(run_dir.run_json, json.dumps(meta, indent=2))
+    log_path = run_dir.log
 
     def elapsed() -> float:
         return state["elapsed_s"] + (time.perf_counter() - t_start)
 
     t_start = time.perf_counter()
-    from medseg.progress import make_progress
-
     bar = make_progress() if progress else None
     task = bar.add_task(f"train {config.key} fold {fold}", total=budget.epochs, completed=state["epoch"]) if bar else None
     if bar:
@@ -218,71 +199,15 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
             if state["ema"] > state["best_ema"]:
                 state["best_ema"] = state["ema"]
                 ckpt["best_ema"] = state["ema"]
-                save_checkpoint(run / "checkpoint_best.pt", ckpt)
-            plot_curves(state["history"], run / "curves.png")
+                save_checkpoint(run_dir.best, ckpt)
+            plot_curves(state["history"], run_dir.curves)
             if bar:
                 bar.update(task, completed=state["epoch"])
     finally:
         if bar:
             bar.stop()
-    save_checkpoint(run / "checkpoint_final.pt", {"model": model.state_dict(), "config": config.key,
+    save_checkpoint(run_dir.final, {"model": model.state_dict(), "config": config.key,
                                                   "fold": str(fold), "epoch": state["epoch"],
                                                   "elapsed_s": state["elapsed_s"]})
     log.info("training done: %d epochs in %.1f min", state["epoch"], state["elapsed_s"] / 60)
-    if validate_full and fold != FULL:
-        validate_fold(workdir, plans, config, run, val_ids, device=device, progress=progress)
     return run
-
-
-def validate_fold(workdir: Path, plans: Plans, config: Configuration, run: Path, val_ids: list[str], *,
-                  device: str = "cpu", progress: bool = False) -> dict:
-    """Predict the fold's validation cases in full from the raw images (native geometry) and evaluate.
-
-    Writes ``val/<case>.nii.gz`` (label map) and ``val/<case>.npz`` (the out-of-fold probabilities,
-    compact, with the case's QC score), which ``medseg find-best`` and the cascade read."""
-    from medseg.evaluation.overlay import save_overlays
-    from medseg.evaluation.report import evaluate_folder, format_summary
-    from medseg.inference.predictor import InputCase, Stage, predict_case, read_input
-    from medseg.inference.probabilities import save_probabilities
-    from medseg.io.dataset import load_dataset
-    from medseg.io.image import write_image
-    from medseg.progress import track
-
-    source = json.loads((workdir / "source.json").read_text())
-    ds = load_dataset(source["dataset"])
-    model = build_network(config.architecture, plans.input_channels(config), plans.num_classes).to(device)
-    model.load_state_dict(load_checkpoint(run / "checkpoint_final.pt", map_location=device)["model"])
-    stage = Stage(config, [model], plans.num_classes)
-    out = run / "val"
-    out.mkdir(exist_ok=True)
-    # the pass without mirroring comes free with the mirrored one: find-best weighs mirroring on it
-    plain_out = run / "val_no_mirroring" if config.training.mirror_axes else None
-    if plain_out:
-        plain_out.mkdir(exist_ok=True)
-    ref = run / "val_reference"
-    ref.mkdir(exist_ok=True)
-    t0 = time.perf_counter()
-    for cid in track(val_ids, total=len(val_ids), description="validate", enabled=progress):
-        case = ds.case(cid)
-        image, geometry = read_input(InputCase(cid, case.images, ".nii.gz"), len(plans.channel_names))
-        prior = None
-        if config.previous_stage:  # the previous stage's out-of-fold prediction, as in training
-            from medseg.training.cascade import oof_segmentation
-
-            prior = oof_segmentation(workdir, plans.config(config.previous_stage).key, cid)
-        pred = predict_case(stage, image, geometry, device=device, prior=prior, keep_unmirrored=plain_out is not None)
-        save_probabilities(out / f"{cid}.npz", pred.probabilities, pred.bbox, qc_score=pred.qc_scores[0])
-        if plain_out:
-            save_probabilities(plain_out / f"{cid}.npz", pred.unmirrored, pred.bbox, qc_score=pred.qc_scores[0])
-        write_image(out / f"{cid}.nii.gz", pred.segmentation, geometry, np.uint8)
-        lab_link = ref / f"{cid}{case.label.name[len(cid):]}"
-        if not lab_link.exists():
-            lab_link.symlink_to(case.label)
-    predict_s = time.perf_counter() - t0
-    summary = evaluate_folder(out, ref, run / "val_report", labels=plans.labels)
-    save_overlays([(cid, ds.case(cid).images[0], out / f"{cid}.nii.gz", next(ref.glob(f"{cid}.*")))
-                   for cid in val_ids], run / "val_report" / "overlays.png")
-    summary["predict_seconds_per_case"] = predict_s / max(1, len(val_ids))
-    (run / "val_report" / "timing.json").write_text(json.dumps({"predict_s": predict_s, "cases": len(val_ids)}))
-    log.info("validation (%d cases):\n%s", len(val_ids), format_summary(summary))
-    return summary

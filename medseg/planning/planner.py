@@ -98,7 +98,7 @@ def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, i
     after one warm-up step (which pays the kernel and allocator set-up); the fastest of ``steps``."""
     import torch
 
-    from medseg.memory import synthetic_training_step
+    from medseg.planning.memory import synthetic_training_step
 
     _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device, torch_optimizer=False)
     best = float("inf")

@@ -25,7 +25,6 @@ Outputs: ``model.json`` and ``find_best/`` (``candidates.csv``, ``candidates.png
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -39,9 +38,13 @@ import pandas as pd
 from medseg.errors import MedsegError
 from medseg.evaluation.metrics import case_metrics, confusion, dice
 from medseg.inference.postprocessing import describe, keep_largest_foreground, keep_largest_per_class
+from medseg.inference.probabilities import load_probabilities, load_qc_score
 from medseg.inference.uncertainty import FLAG_QUANTILE, calibrate_threshold, spearman
+from medseg.io.dataset import load_dataset, read_case_label
 from medseg.plans.schema import ChosenModel, InferenceChoice, Plans, Postprocessing, QualityControl
+from medseg.training.splits import cv_folds, fold_case_ids
 from medseg.utils import atomic_path, atomic_write_json, atomic_write_text
+from medseg.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 DICE_DECIMALS = 4
@@ -51,46 +54,42 @@ Candidate = tuple[str, ...]
 
 
 class OutOfFold:
-    """Out-of-fold predictions of a work directory: ``runs/<key>/fold_k/val/<case>.npz`` and the
+    """Out-of-fold predictions of a work directory (each fold's ``val/<case>.npz``) and the
     dataset's reference labels. Picklable (paths only), so cases can be evaluated in worker processes."""
 
-    def __init__(self, workdir: Path, plans: Plans, keys: Sequence[str]) -> None:
-        from medseg.io.dataset import load_dataset
-        from medseg.training.crossval import cv_folds
-        from medseg.training.loop import fold_case_ids
-
-        self.workdir = Path(workdir)
-        source = json.loads((self.workdir / "source.json").read_text())
-        ds = load_dataset(source["dataset"])
+    def __init__(self, workdir: Path | WorkDir, plans: Plans, keys: Sequence[str]) -> None:
+        work = WorkDir.of(workdir)
+        self.workdir = work.root
+        ds = load_dataset(work.dataset_path())
         self.cases = {c.case_id: c for c in ds.cases}
         self.paths: dict[str, dict[str, Path]] = {}
+        self.unmirrored_paths: dict[str, dict[str, Path]] = {}
         self.folds: dict[str, list[int]] = {}
         for key in keys:
             config = plans.config(key)
-            self.folds[key] = cv_folds(workdir, plans, key)
-            paths = {}
+            self.folds[key] = cv_folds(work, plans, config)
+            paths, plain = {}, {}
             for fold in self.folds[key]:
-                for cid in fold_case_ids(workdir, plans, config, fold)[1]:
-                    paths[cid] = self.workdir / "runs" / config.key / f"fold_{fold}" / "val" / f"{cid}.npz"
-            self.paths[key] = paths
+                run = work.run(config.key, fold)
+                for cid in fold_case_ids(work, plans, config, fold)[1]:
+                    paths[cid] = run.val_prediction(cid, ".npz")
+                    plain[cid] = run.val_no_mirroring / f"{cid}.npz"
+            self.paths[key], self.unmirrored_paths[key] = paths, plain
 
     @classmethod
-    def complete_keys(cls, workdir: Path, plans: Plans) -> tuple[list[str], list[str]]:
+    def complete_keys(cls, workdir: Path | WorkDir, plans: Plans) -> tuple[list[str], list[str]]:
         """(configurations with every fold's out-of-fold predictions, lines on those without)."""
-        from medseg.training.crossval import cv_folds
-        from medseg.training.loop import fold_case_ids
-
+        work = WorkDir.of(workdir)
         ok, missing = [], []
         for key, config in plans.configurations.items():
-            run = Path(workdir) / "runs" / key
-            if not run.exists():
+            if not work.runs(key).exists():
                 continue
             try:
-                folds = cv_folds(workdir, plans, key)
+                folds = cv_folds(work, plans, config)
             except MedsegError:
                 continue
-            lacking = [f for f in folds if not all((run / f"fold_{f}" / "val" / f"{c}.npz").exists()
-                                                    for c in fold_case_ids(workdir, plans, config, f)[1])]
+            lacking = [f for f in folds if not all(work.run(key, f).val_prediction(c, ".npz").exists()
+                                                    for c in fold_case_ids(work, plans, config, f)[1])]
             (missing if lacking else ok).append(key if not lacking else f"{key}: folds {lacking} not finished")
         return ok, missing
 
@@ -99,13 +98,10 @@ class OutOfFold:
         return sorted(set.intersection(*(set(p) for p in self.paths.values())))
 
     def probabilities(self, key: str, case_id: str) -> np.ndarray:
-        from medseg.inference.probabilities import load_probabilities
-
         return load_probabilities(self.paths[key][case_id])
 
     def unmirrored_path(self, key: str, case_id: str) -> Path:
-        path = self.paths[key][case_id]
-        return path.parent.with_name("val_no_mirroring") / path.name
+        return self.unmirrored_paths[key][case_id]
 
     def unmirrored(self, keys: Sequence[str]) -> Unmirrored | None:
         """The same out-of-fold cases predicted without mirroring, when every fold of ``keys`` has them."""
@@ -114,13 +110,9 @@ class OutOfFold:
         return None
 
     def qc_score(self, key: str, case_id: str) -> float:
-        from medseg.inference.probabilities import load_qc_score
-
         return load_qc_score(self.paths[key][case_id])
 
     def reference(self, case_id: str) -> tuple[np.ndarray, Sequence[float]]:
-        from medseg.io.dataset import read_case_label
-
         array, geometry = read_case_label(self.cases[case_id])
         return array, geometry.spacing
 
@@ -133,8 +125,6 @@ class Unmirrored:
         self.case_ids = source.case_ids
 
     def probabilities(self, key: str, case_id: str) -> np.ndarray:
-        from medseg.inference.probabilities import load_probabilities
-
         return load_probabilities(self.source.unmirrored_path(key, case_id))
 
     def reference(self, case_id: str) -> tuple[np.ndarray, Sequence[float]]:
@@ -314,12 +304,13 @@ def decide_mirroring(source, best: Candidate, labels: Mapping[int, str], dice_wi
                            tolerance=tolerance, decided=f"mirroring {how}")
 
 
-def find_best(workdir: Path, *, configs: Sequence[str] | None = None, num_workers: int = 1,
+def find_best(workdir: Path | WorkDir, *, configs: Sequence[str] | None = None, num_workers: int = 1,
               progress: bool = False) -> tuple[ChosenModel, str]:
     """Evaluate the candidates, choose, decide postprocessing and QC; write ``model.json`` and the report."""
-    workdir = Path(workdir)
-    plans = Plans.load(workdir / "plans.json")
-    complete, incomplete = OutOfFold.complete_keys(workdir, plans)
+    work = WorkDir.of(workdir)
+    workdir = work.root
+    plans = Plans.load(work.plans)
+    complete, incomplete = OutOfFold.complete_keys(work, plans)
     if configs:
         keys = [plans.config(c).key for c in configs]
         lacking = [k for k in keys if k not in complete]
@@ -332,7 +323,7 @@ def find_best(workdir: Path, *, configs: Sequence[str] | None = None, num_worker
         raise MedsegError(f"{workdir}: no configuration has all its cross-validation folds trained"
                           + (f" ({'; '.join(incomplete)})" if incomplete else "")
                           + "; run `medseg train WORKDIR -c CONFIG -f all` first")
-    source = OutOfFold(workdir, plans, keys)
+    source = OutOfFold(work, plans, keys)
     labels = {int(k): v for k, v in plans.labels.items()}
     classes = [k for k in sorted(labels) if k != 0]
     sel = select_model(source, keys, labels, num_workers=num_workers, progress=progress)
@@ -349,7 +340,7 @@ def find_best(workdir: Path, *, configs: Sequence[str] | None = None, num_worker
         cv_cases=len(source.case_ids),
         decided=(f"best of {len(sel.table)} candidate(s) by out-of-fold foreground Dice {row['dice_fg']:.4f} over "
                  f"{len(source.case_ids)} cases; postprocessing: {describe(sel.postprocessing.model_dump())}"))
-    out = workdir / "find_best"
+    out = work.find_best
     out.mkdir(exist_ok=True)
     with atomic_path(out / "candidates.csv") as tmp:
         sel.table.drop(columns=["order"]).to_csv(tmp, index=False, float_format="%.4f")
@@ -363,7 +354,7 @@ def find_best(workdir: Path, *, configs: Sequence[str] | None = None, num_worker
     _plot_qc(sel.qc, sel.threshold, sel.n_worst, out / "qc.png")
     report = _report(sel.table, chosen, sel.pp_figures, labels, sel.qc, sel.n_worst, sel.flagged_worst)
     atomic_write_text(out / "report.md", report)
-    chosen.save(workdir / "model.json")
+    chosen.save(work.model)
     return chosen, report
 
 
