@@ -135,3 +135,30 @@ def test_a_variant_trains_into_its_own_run_and_shares_the_preprocessed_data(msd_
     written = predict_folder(msd_dataset / "imagesTr", tmp_path / "pred", tmp_path, config_name="3d_fullres_attention",
                              tta=False)
     assert len(written) == 4
+
+
+def test_the_batch_sources_are_closed_when_training_ends_or_fails(msd_dataset, tmp_path, monkeypatch):
+    from medseg.training import loop
+    from medseg.training.data import BatchSource
+
+    closed = []
+    real_close = BatchSource.close
+
+    def close(self):
+        closed.append("train" if self.augment else "val")
+        real_close(self)
+
+    monkeypatch.setattr(BatchSource, "close", close)
+    _tiny_plan(msd_dataset, tmp_path)
+    train_fold(tmp_path, "3d_fullres", 0, epochs=1)
+    assert set(closed) == {"train", "val"}
+    closed.clear()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(loop, "plot_curves", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_fold(tmp_path, "3d_fullres", 0, epochs=2, resume=True)
+    assert set(closed) == {"train", "val"}
+    assert load_checkpoint(tmp_path / "runs" / "3d_fullres" / "fold_0" / "checkpoint_final.pt")["epoch"] == 1

@@ -1,13 +1,20 @@
 """Small network blocks, built from MONAI's layer factories so one code path serves 2D and 3D.
 
-Each block takes its channel counts, kernel and stride, and can report the activation elements
-it stores for backward and its FLOPs for a given output size (used by the planner's models).
-A new block variant = a new class here + an entry in :data:`ENCODER_BLOCKS`.
+A stage block (encoder, decoder or bottleneck stage) is a class with
+``__init__(dim, in_ch, out_ch, kernel, stride, n)`` (``n`` units; the first carries the stride), a
+static ``cost(in_ch, out_ch, kernel, out_voxels, n, stride)`` returning its :class:`Cost` for one
+sample, and ``workspace_units`` (its backward transients, see :data:`WORKSPACE_UNITS`). Optional:
+``stage_depths`` (units per encoder stage when the plan gives none, instead of ``convs_per_stage``)
+and ``separate_skip`` (as a decoder block: takes the up-sampled features and the skip apart).
+The builder and the cost model both walk :func:`medseg.networks.unet.stage_specs`, so a block is
+costed with exactly the arguments it is built with. A new encoder block = a class + one entry in
+:data:`medseg.networks.variants.VARIANTS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,8 +28,26 @@ STORED_TENSORS_PER_CONV = 2
 # Transient tensors alive while a block runs backward (gradients of its output, its concatenated
 # input and its convs' inputs, the conv workspace, the loss at the same level), in units of the
 # block's output size. Only one block is in backward at a time, so the network's workspace is the
-# largest block's. Fitted to measured peaks (medseg.memory.measure_training_peak, docs/architecture.md).
+# largest block's. Fitted to measured peaks (medseg.planning.memory.measure_training_peak, docs/architecture.md).
 WORKSPACE_UNITS = 3.0
+# nnU-Net ResEnc-M stage depths (residual units per encoder stage)
+RESIDUAL_STAGE_DEPTHS = (1, 3, 4, 6, 6, 6, 6, 6)
+
+
+class Cost(NamedTuple):
+    """What one sample costs a block: the activation ``elements`` it keeps for backward, its forward
+    ``flops`` and its ``params``. ``+`` adds costs component by component (not tuple concatenation)."""
+
+    elements: float
+    flops: float
+    params: int
+
+    def __add__(self, other: Cost) -> Cost:  # type: ignore[override]
+        return Cost(self.elements + other.elements, self.flops + other.flops, self.params + other.params)
+
+    def times(self, k: int) -> Cost:
+        """``k`` copies of this cost (``k`` identical units)."""
+        return Cost(k * self.elements, k * self.flops, k * self.params)
 
 
 def _padding(kernel: Sequence[int]) -> tuple[int, ...]:
@@ -52,13 +77,12 @@ class PlainBlock(nn.Sequential):
 
     @staticmethod
     def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, n: int = 2,
-             stride: Sequence[int] = ()) -> tuple[float, float, int]:
-        """(stored activation elements, forward FLOPs, parameters) for one sample."""
+             stride: Sequence[int] = ()) -> Cost:
         k = float(np.prod(kernel))
         flops = 2 * k * in_ch * out_ch * out_voxels + (n - 1) * 2 * k * out_ch * out_ch * out_voxels
         elements = n * STORED_TENSORS_PER_CONV * out_ch * out_voxels
         params = int(k * in_ch * out_ch + 3 * out_ch + (n - 1) * (k * out_ch * out_ch + 3 * out_ch))
-        return elements, flops, params
+        return Cost(elements, flops, params)
 
 
 class ResidualUnit(nn.Module):
@@ -82,7 +106,7 @@ class ResidualUnit(nn.Module):
         return self.act(self.conv2(self.conv1(x)) + self.skip(x))
 
     @staticmethod
-    def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, projected: bool) -> tuple[float, float, int]:
+    def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, projected: bool) -> Cost:
         k = float(np.prod(kernel))
         flops = 2 * k * (in_ch * out_ch + out_ch * out_ch) * out_voxels
         params = int(k * in_ch * out_ch + 3 * out_ch + k * out_ch * out_ch + 3 * out_ch)
@@ -92,13 +116,14 @@ class ResidualUnit(nn.Module):
             flops += 2 * in_ch * out_ch * out_voxels
             params += in_ch * out_ch + 2 * out_ch
             elements += out_ch * out_voxels  # the projection conv's output (norm input)
-        return elements, flops, params
+        return Cost(elements, flops, params)
 
 
 class ResidualBlock(nn.Sequential):
     """``n`` residual units; the first one carries the stride (ResEnc-style encoder stage)."""
 
     workspace_units = WORKSPACE_UNITS
+    stage_depths = RESIDUAL_STAGE_DEPTHS
 
     def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], n: int = 1):
         units = [ResidualUnit(dim, in_ch, out_ch, kernel, stride)]
@@ -107,10 +132,10 @@ class ResidualBlock(nn.Sequential):
 
     @staticmethod
     def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, n: int = 1,
-             stride: Sequence[int] = ()) -> tuple[float, float, int]:
+             stride: Sequence[int] = ()) -> Cost:
         first = ResidualUnit.cost(in_ch, out_ch, kernel, out_voxels, in_ch != out_ch or any(s != 1 for s in stride))
         rest = ResidualUnit.cost(out_ch, out_ch, kernel, out_voxels, False)
-        return tuple(a + (n - 1) * b for a, b in zip(first, rest, strict=True))  # type: ignore[return-value]
+        return first + rest.times(n - 1)
 
 
 class SqueezeExcitation(nn.Module):
@@ -146,7 +171,7 @@ class SqueezeExcitation(nn.Module):
         return torch.maximum(x * self.channel(x), x * self.spatial(x))
 
     @staticmethod
-    def cost(channels: int, mode: str, reduction: int, voxels: int) -> tuple[float, float, int]:
+    def cost(channels: int, mode: str, reduction: int, voxels: int) -> Cost:
         hidden = max(1, channels // reduction)
         elements = flops = 0.0
         params = 0
@@ -160,7 +185,7 @@ class SqueezeExcitation(nn.Module):
             flops += 2 * channels * voxels + channels * voxels
         if mode == "scse":
             elements += channels * voxels
-        return elements, flops, params
+        return Cost(elements, flops, params)
 
 
 class AttentionGate(nn.Module):
@@ -190,18 +215,13 @@ class AttentionGate(nn.Module):
         return x * alpha
 
     @staticmethod
-    def cost(skip_ch: int, gate_ch: int, voxels: int) -> tuple[float, float, int]:
+    def cost(skip_ch: int, gate_ch: int, voxels: int) -> Cost:
         inter = max(1, skip_ch // 2)
         params = skip_ch * inter + gate_ch * inter + 4 * inter + inter + 1
         flops = 2 * (skip_ch + gate_ch) * inter * voxels + 2 * inter * voxels
         # W_x and W_g outputs (norm inputs), the ReLU output, the coefficients (sigmoid output and product)
         elements = 3 * inter * voxels + 2 * voxels
-        return elements, flops, params
-
-
-ENCODER_BLOCKS: dict[str, type[nn.Module]] = {"plain": PlainBlock, "residual": ResidualBlock}
-# nnU-Net ResEnc-M stage depths (residual units per encoder stage)
-RESIDUAL_STAGE_DEPTHS = (1, 3, 4, 6, 6, 6, 6, 6)
+        return Cost(elements, flops, params)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medseg.networks.blocks import STORED_TENSORS_PER_CONV, WORKSPACE_UNITS, ConvNormAct
+from medseg.networks.blocks import STORED_TENSORS_PER_CONV, WORKSPACE_UNITS, ConvNormAct, Cost
 
 MAX_GRAPH_NODES = 4096
 DEFAULT_K = 8
@@ -128,8 +128,8 @@ class GraphBottleneck(nn.Module):
 
     @staticmethod
     def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, n: int = 2,
-             stride: Sequence[int] = ()) -> tuple[float, float, int]:
-        """(stored activation elements, forward FLOPs, parameters) for one sample: the entry unit,
+             stride: Sequence[int] = ()) -> Cost:
+        """One sample's cost: the entry unit,
         and per graph convolution its input, three linear outputs, two mixed products, the sum,
         the norm output, the kNN adjacency and its normalised form (N² each)."""
         k = float(np.prod(kernel))
@@ -139,4 +139,4 @@ class GraphBottleneck(nn.Module):
         params = int(k * in_ch * out_ch + 3 * out_ch + n * (3 * out_ch * out_ch + out_ch + 2 * out_ch))
         elements = STORED_TENSORS_PER_CONV * out_ch * out_voxels
         elements += n * (7 * out_ch * nodes + 2 * nodes * nodes)
-        return elements, flops, params
+        return Cost(elements, flops, params)

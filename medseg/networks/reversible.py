@@ -19,7 +19,7 @@ import torch
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medseg.networks.blocks import ConvNormAct
+from medseg.networks.blocks import ConvNormAct, Cost
 
 
 class Coupling(nn.Module):
@@ -111,6 +111,7 @@ class ReversibleBlock(nn.Module):
     # (rebuilt in place), one copy of its gradient, and one half-coupling's recomputed activations and
     # gradients are alive together, besides the non-reversible transients every block has
     workspace_units = 5.0
+    separate_skip = True  # as a decoder block: the up-sampled features and the skip come apart (``skip_ch``)
 
     def __init__(self, dim: int, in_ch: int, out_ch: int, kernel: Sequence[int], stride: Sequence[int], n: int = 2,
                  skip_ch: int | None = None):
@@ -135,7 +136,7 @@ class ReversibleBlock(nn.Module):
 
     @staticmethod
     def cost(in_ch: int, out_ch: int, kernel: Sequence[int], out_voxels: int, n: int = 2,
-             stride: Sequence[int] = ()) -> tuple[float, float, int]:
+             stride: Sequence[int] = ()) -> Cost:
         """Stored elements: the chain's output. (One coupling's activations also exist transiently
         while it is recomputed in backward; that is one block for the whole network at a time,
         counted in :attr:`workspace_units`.)"""
@@ -144,4 +145,4 @@ class ReversibleBlock(nn.Module):
         flops = 2 * k * in_ch * out_ch * out_voxels + n * 2 * (2 * k * half * half * out_voxels)
         params = int(k * in_ch * out_ch + out_ch + n * 2 * (k * half * half + 3 * half))
         elements = out_ch * out_voxels
-        return elements, flops, params
+        return Cost(elements, flops, params)

@@ -3,6 +3,9 @@
 Encoder: stages of conv blocks, the first conv of a stage strided (downsampling). Decoder:
 transposed conv up, concatenation with the skip, conv block, and a 1x1 segmentation head per
 decoder stage (deep supervision; the full-resolution head is the network's output in eval mode).
+
+The structure is written once, in :func:`stage_specs`: :class:`UNet` builds the modules by walking
+it and :func:`estimate_costs` walks the same specs with a patch's voxel counts.
 """
 
 from __future__ import annotations
@@ -16,18 +19,11 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medseg.errors import PlanError
-from medseg.networks.blocks import (
-    ENCODER_BLOCKS,
-    RESIDUAL_STAGE_DEPTHS,
-    AttentionGate,
-    PlainBlock,
-    SqueezeExcitation,
-    init_weights,
-)
+from medseg.networks.blocks import AttentionGate, Cost, PlainBlock, SqueezeExcitation, init_weights
 from medseg.networks.graph import MAX_GRAPH_NODES, GraphBottleneck
 from medseg.networks.reversible import ReversibleBlock
+from medseg.networks.variants import encoder_block
 from medseg.plans.schema import Architecture
-from medseg.utils import look_up
 
 
 def bottleneck_shape(arch: Architecture, patch_size: Sequence[int]) -> list[int]:
@@ -40,38 +36,16 @@ def bottleneck_shape(arch: Architecture, patch_size: Sequence[int]) -> list[int]
 
 def check_buildable(arch: Architecture, patch_size: Sequence[int] | None = None) -> None:
     """Refuse block combinations the builder cannot make, with a one-line reason."""
-    if arch.blocks.reversible and arch.blocks.encoder_block == "residual":
+    encoder_block(arch.blocks.encoder_block)  # an unknown name: PlanError with "did you mean"
+    if arch.blocks.reversible and arch.blocks.encoder_block != "plain":
         raise PlanError("reversible blocks replace the encoder's blocks (their couplings are residual already); "
                         "choose encoder_block 'plain' with reversible")
-    look_up(arch.blocks.encoder_block, ENCODER_BLOCKS, "encoder_block")
     if arch.blocks.bottleneck == "graph" and patch_size is not None:
         shape = bottleneck_shape(arch, patch_size)
         nodes = int(np.prod(shape))
         if nodes > MAX_GRAPH_NODES:
             raise PlanError(f"graph bottleneck too large: {nodes} nodes (bottleneck {shape} for patch "
                             f"{list(patch_size)}) > {MAX_GRAPH_NODES}; its dense adjacency grows as nodes²")
-
-
-def stage_block(arch: Architecture, decoder: bool = False) -> type[nn.Module]:
-    if arch.blocks.reversible:
-        return ReversibleBlock
-    return PlainBlock if decoder else ENCODER_BLOCKS[arch.blocks.encoder_block]
-
-
-def bottleneck_block(arch: Architecture) -> type[nn.Module]:
-    return GraphBottleneck if arch.blocks.bottleneck == "graph" else stage_block(arch)
-
-
-def encoder_depths(arch: Architecture) -> list[int]:
-    """Units (residual), couplings (reversible), convs (plain) or graph convolutions (graph bottleneck) per
-    encoder stage."""
-    out = [arch.convs_per_stage] * arch.num_stages
-    if arch.blocks.encoder_block == "residual" and not arch.blocks.reversible:
-        depths = arch.encoder_units_per_stage or list(RESIDUAL_STAGE_DEPTHS)
-        out = [depths[min(i, len(depths) - 1)] for i in range(arch.num_stages)]
-    if arch.blocks.bottleneck == "graph":
-        out[-1] = arch.convs_per_stage  # graph convolutions in the bottleneck
-    return out
 
 
 class _WithSE(nn.Sequential):
@@ -81,39 +55,142 @@ class _WithSE(nn.Sequential):
         return self[1](self[0](*xs))
 
 
+@dataclass(frozen=True)
+class BlockSpec:
+    """One stage block, as built and as costed: ``cls(dim, in_ch, out_ch, kernel, stride, depth)``
+    (plus ``skip_ch`` for a decoder block that takes the skip apart), then squeeze–excitation
+    ``se`` ('cse', 'sse', 'scse') on its output unless 'none'."""
+
+    cls: type[nn.Module]
+    in_ch: int
+    out_ch: int
+    kernel: list[int]
+    stride: list[int]
+    depth: int
+    se: str = "none"
+    se_reduction: int = 2
+    skip_ch: int | None = None
+
+    def build(self, dim: int) -> nn.Module:
+        extra = {} if self.skip_ch is None else {"skip_ch": self.skip_ch}
+        block = self.cls(dim, self.in_ch, self.out_ch, self.kernel, self.stride, self.depth, **extra)
+        if self.se == "none":
+            return block
+        return _WithSE(block, SqueezeExcitation(dim, self.out_ch, self.se, self.se_reduction))
+
+    def costs(self, voxels: int) -> list[Cost]:
+        """Per sample at ``voxels`` output voxels: the block's cost, then the SE's."""
+        out = [self.cls.cost(self.in_ch, self.out_ch, self.kernel, voxels, self.depth, self.stride)]
+        if self.se != "none":
+            out.append(SqueezeExcitation.cost(self.out_ch, self.se, self.se_reduction, voxels))
+        return out
+
+    def workspace(self, voxels: int) -> float:
+        """Backward transients while this block runs backward, in elements per sample."""
+        return self.cls.workspace_units * self.out_ch * voxels
+
+
+@dataclass(frozen=True)
+class DecoderStage:
+    """One decoder level at an encoder stage's resolution: a transposed conv up from the deeper
+    level (``up_in`` channels, by ``up_stride``) to ``block.out_ch`` channels, an additive attention
+    gate on the skip when ``gate``, ``block`` over the up-sampled features and the skip
+    (concatenated, or apart when ``block.skip_ch`` is set), and a 1x1 head to ``num_classes``."""
+
+    up_in: int
+    up_stride: list[int]
+    gate: bool
+    block: BlockSpec
+    num_classes: int
+
+    def build(self, dim: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """(up-sampling conv, gate or identity, block, head), constructed in this order."""
+        f = self.block.out_ch
+        up = Conv[Conv.CONVTRANS, dim](self.up_in, f, tuple(self.up_stride), tuple(self.up_stride), bias=False)
+        gate = AttentionGate(dim, f, f) if self.gate else nn.Identity()
+        block = self.block.build(dim)
+        return up, gate, block, Conv[Conv.CONV, dim](f, self.num_classes, 1, 1, bias=True)
+
+    def costs(self, voxels: int, below_voxels: int) -> list[Cost]:
+        """Per sample, ``voxels`` at this level and ``below_voxels`` at the deeper one: up-sampling,
+        gate, block, SE, head."""
+        f, k = self.block.out_ch, self.num_classes
+        ss = int(np.prod(self.up_stride))
+        # up-sampling, and the concatenation its conv keeps (a block taking the skip apart: only the up-sampled half is new)
+        kept = (1 if self.block.skip_ch is not None else 2) * f * voxels
+        out = [Cost(kept, 2 * ss * self.up_in * f * below_voxels, ss * self.up_in * f)]
+        if self.gate:
+            out.append(AttentionGate.cost(f, f, voxels))
+        out += self.block.costs(voxels)
+        out.append(Cost(2 * k * voxels, 2 * f * k * voxels, f * k + k))
+        return out
+
+    def workspace(self, voxels: int) -> float:
+        gate = AttentionGate.workspace_units if self.gate else 0.0
+        return (self.block.cls.workspace_units + gate) * self.block.out_ch * voxels
+
+
+@dataclass(frozen=True)
+class StageSpecs:
+    """The network's structure: encoder stages (full resolution first) and decoder levels (deepest
+    first), walked by both :class:`UNet` and :func:`estimate_costs`."""
+
+    dim: int
+    encoder: list[BlockSpec]
+    decoder: list[DecoderStage]
+
+
+def _units(arch: Architecture, cls: type[nn.Module], stage: int) -> int:
+    """Units of encoder stage ``stage``: the plan's ``encoder_units_per_stage`` or the block's
+    ``stage_depths`` for a block that has them (residual), else ``convs_per_stage``."""
+    depths = getattr(cls, "stage_depths", None)
+    if depths is None:
+        return arch.convs_per_stage
+    depths = arch.encoder_units_per_stage or list(depths)
+    return depths[min(stage, len(depths) - 1)]
+
+
+def stage_specs(arch: Architecture, in_channels: int, num_classes: int) -> StageSpecs:
+    """The blocks of the U-Net ``arch`` describes. Encoder stages use the registered
+    ``encoder_block`` (reversible: :class:`ReversibleBlock`), the deepest one the graph bottleneck
+    when asked; decoder blocks are plain (reversible: reversible, taking the skip apart)."""
+    b, f, k, s = arch.blocks, arch.features, arch.kernel_sizes, arch.strides
+    dim = len(s[0])
+    stage_cls = ReversibleBlock if b.reversible else encoder_block(b.encoder_block)
+    decoder_cls = ReversibleBlock if b.reversible else PlainBlock
+    se = {"se": b.squeeze_excitation, "se_reduction": b.se_reduction}
+    encoder, prev = [], in_channels
+    for i in range(arch.num_stages):
+        cls = GraphBottleneck if i == arch.num_stages - 1 and b.bottleneck == "graph" else stage_cls
+        encoder.append(BlockSpec(cls, prev, f[i], k[i], s[i], _units(arch, cls, i), **se))
+        prev = f[i]
+    separate = getattr(decoder_cls, "separate_skip", False)
+    decoder = [DecoderStage(f[i + 1], s[i + 1], b.attention_gates,
+                            BlockSpec(decoder_cls, 2 * f[i], f[i], k[i], [1] * dim, arch.convs_per_stage, **se,
+                                      skip_ch=f[i] if separate else None), num_classes)
+               for i in range(arch.num_stages - 2, -1, -1)]
+    return StageSpecs(dim, encoder, decoder)
+
+
 class UNet(nn.Module):
-    """Encoder (plain or residual stages) → decoder (transposed conv up, optional attention gate
-    on the skip, concatenation, plain conv block), squeeze–excitation after every block when
-    asked, a 1x1 head per decoder stage."""
+    """Encoder (stages of the registered encoder block) → decoder (transposed conv up, optional
+    attention gate on the skip, concatenation, plain conv block), squeeze–excitation after every
+    block when asked, a 1x1 head per decoder stage: the modules of :func:`stage_specs`, in its order."""
 
     def __init__(self, arch: Architecture, in_channels: int, num_classes: int):
         super().__init__()
         check_buildable(arch)
-        dim = len(arch.strides[0])
-        self.dim, self.deep_supervision = dim, arch.deep_supervision
-        self.pair_decoder = arch.blocks.reversible
-        b = arch.blocks
-        block_cls, decoder_cls = stage_block(arch), stage_block(arch, decoder=True)
-        f, k, s, n = arch.features, arch.kernel_sizes, arch.strides, arch.convs_per_stage
-
-        def with_se(block: nn.Module, channels: int) -> nn.Module:
-            if b.squeeze_excitation == "none":
-                return block
-            return _WithSE(block, SqueezeExcitation(dim, channels, b.squeeze_excitation, b.se_reduction))
-
-        self.encoder = nn.ModuleList()
-        prev = in_channels
-        for i, depth in enumerate(encoder_depths(arch)):
-            cls = bottleneck_block(arch) if i == arch.num_stages - 1 else block_cls
-            self.encoder.append(with_se(cls(dim, prev, f[i], k[i], s[i], depth), f[i]))
-            prev = f[i]
+        spec = stage_specs(arch, in_channels, num_classes)
+        self.dim, self.deep_supervision = spec.dim, arch.deep_supervision
+        self.pair_decoder = any(level.block.skip_ch is not None for level in spec.decoder)
+        self.encoder = nn.ModuleList(stage.build(spec.dim) for stage in spec.encoder)
         self.up, self.decoder, self.heads, self.gates = nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for i in range(arch.num_stages - 2, -1, -1):
-            self.up.append(Conv[Conv.CONVTRANS, dim](f[i + 1], f[i], tuple(s[i + 1]), tuple(s[i + 1]), bias=False))
-            self.gates.append(AttentionGate(dim, f[i], f[i]) if b.attention_gates else nn.Identity())
-            pair = {"skip_ch": f[i]} if self.pair_decoder else {}  # reversible: up-sampled and skip kept apart
-            self.decoder.append(with_se(decoder_cls(dim, 2 * f[i], f[i], k[i], [1] * dim, n, **pair), f[i]))
-            self.heads.append(Conv[Conv.CONV, dim](f[i], num_classes, 1, 1, bias=True))
+        for level in spec.decoder:
+            up, gate, block, head = level.build(spec.dim)
+            self.up.append(up)
+            self.gates.append(gate)
+            self.decoder.append(block)
+            self.heads.append(head)
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -183,48 +260,24 @@ class CostEstimate:
 
 def estimate_costs(arch: Architecture, patch_size: Sequence[int], batch_size: int, in_channels: int,
                    num_classes: int, bytes_per_element: int = 4) -> CostEstimate:
-    """Parameters, stored activation bytes and forward FLOPs of a training step at this patch/batch,
-    walking the same topology as :class:`UNet` and asking each block for its cost."""
-    f, k, s, n = arch.features, arch.kernel_sizes, arch.strides, arch.convs_per_stage
-    b = arch.blocks
-    block_cls, decoder_cls = stage_block(arch), stage_block(arch, decoder=True)
+    """Parameters, stored activation bytes and forward FLOPs of a training step at this patch/batch:
+    the blocks of :func:`stage_specs` (those :class:`UNet` builds), each asked for its cost at its
+    stage's voxel count. Summed in float64 in walk order (encoder stages, then decoder levels)."""
+    spec = stage_specs(arch, in_channels, num_classes)
     sizes, cur = [], np.array(patch_size, dtype=float)
-    for st in s:
+    for st in arch.strides:
         cur = np.ceil(cur / np.array(st))
         sizes.append(int(np.prod(cur)))
     totals = np.zeros(3)  # elements, flops, params
     workspace = 0.0  # elements: the largest block's backward transients
-
-    def add(cost) -> None:
-        totals[:] += np.asarray(cost, dtype=float)
-
-    def transient(units: float, channels: int, voxels: int) -> None:
-        nonlocal workspace
-        workspace = max(workspace, units * channels * voxels)
-
-    def se(channels: int, voxels: int) -> None:
-        if b.squeeze_excitation != "none":
-            add(SqueezeExcitation.cost(channels, b.squeeze_excitation, b.se_reduction, voxels))
-
-    prev = in_channels
-    for i, depth in enumerate(encoder_depths(arch)):
-        cls = bottleneck_block(arch) if i == arch.num_stages - 1 else block_cls
-        add(cls.cost(prev, f[i], k[i], sizes[i], depth, s[i]))
-        transient(cls.workspace_units, f[i], sizes[i])
-        se(f[i], sizes[i])
-        prev = f[i]
-    for i in range(arch.num_stages - 2, -1, -1):
-        ss = int(np.prod(s[i + 1]))
-        # up-sampling, and the concatenation its conv keeps (reversible: only the up-sampled half is new)
-        kept = (1 if b.reversible else 2) * f[i] * sizes[i]
-        add((kept, 2 * ss * f[i + 1] * f[i] * sizes[i + 1], ss * f[i + 1] * f[i]))
-        if b.attention_gates:
-            add(AttentionGate.cost(f[i], f[i], sizes[i]))
-        add(decoder_cls.cost(2 * f[i], f[i], k[i], sizes[i], n))
-        transient(decoder_cls.workspace_units + (AttentionGate.workspace_units if b.attention_gates else 0.0),
-                  f[i], sizes[i])
-        se(f[i], sizes[i])
-        add((2 * num_classes * sizes[i], 2 * f[i] * num_classes * sizes[i], f[i] * num_classes + num_classes))
+    for stage, voxels in zip(spec.encoder, sizes, strict=True):
+        for cost in stage.costs(voxels):
+            totals += np.asarray(cost, dtype=float)
+        workspace = max(workspace, stage.workspace(voxels))
+    for level, i in zip(spec.decoder, range(arch.num_stages - 2, -1, -1), strict=True):
+        for cost in level.costs(sizes[i], sizes[i + 1]):
+            totals += np.asarray(cost, dtype=float)
+        workspace = max(workspace, level.workspace(sizes[i]))
     elements, flops, params = totals
     return CostEstimate(int(params), elements * batch_size * bytes_per_element, flops * batch_size,
                         workspace * batch_size * bytes_per_element)

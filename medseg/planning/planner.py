@@ -2,9 +2,11 @@
 
 On CUDA it sizes patch and batch for the GPU memory budget, like nnU-Net. On a CPU the binding
 constraint is compute time, not memory, so it sizes the network for learning per second within
-the training time budget: batch stays at the minimum of 2 and the width is the largest whose
-estimated step time still allows :data:`CPU_TARGET_ITERATIONS` optimiser steps in the budget.
-Every decision is written into ``memory.decision``.
+the training time budget: the width is the largest of :data:`CPU_WIDTH_CHOICES` whose step at
+batch 2 still allows :data:`CPU_TARGET_ITERATIONS` optimiser steps in the budget, then the batch
+is raised toward that step time (capped by memory and 5% of the dataset's voxels), timed again
+when its estimate lands within 10% of the target. Every decision is written into
+``memory.decision``. The variants offered are those of :data:`medseg.networks.variants.VARIANTS`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from medseg.errors import PlanError
 from medseg.fingerprint import Fingerprint
 from medseg.io.dataset import channel_normalization
 from medseg.networks.unet import check_buildable, estimate_costs
+from medseg.networks.variants import BLOCKS_BY_VARIANT, presets
 from medseg.plans import topology
 from medseg.plans.schema import (
     Architecture,
@@ -54,24 +58,17 @@ BATCH_EXTRAPOLATION_MARGIN = 0.9  # a larger batch is timed only when batch-2 sc
 CPU_STEP_OVERHEAD = 1.15  # data loading in a worker process and the per-epoch validation patches
 
 
-VARIANTS: dict[str, Blocks] = {
-    "plain": Blocks(),
-    "residual": Blocks(encoder_block="residual"),
-    "attention": Blocks(attention_gates=True),
-    "se": Blocks(squeeze_excitation="scse"),
-    "reversible": Blocks(reversible=True),
-    "graph": Blocks(bottleneck="graph"),
-}
-VARIANT_PRESETS = {"all": ["plain", "residual", "attention", "se", "reversible", "graph"]}
+VARIANTS = BLOCKS_BY_VARIANT  # variant name → the Blocks its configurations record (read from the registry)
 
 
 def resolve_variants(names: Sequence[str]) -> list[str]:
     """Expand presets and check names (whether a variant can be built depends on the patch, and is
     checked per configuration by the planner)."""
+    named = presets()
     out: list[str] = []
     for name in names:
-        for v in VARIANT_PRESETS.get(name, [name]):
-            look_up(v, list(VARIANTS) + list(VARIANT_PRESETS), "variant")
+        for v in named.get(name, [name]):
+            look_up(v, list(VARIANTS) + list(named), "variant")
             if v not in out:
                 out.append(v)
     return out
@@ -84,8 +81,6 @@ def default_memory_gb(device: str) -> float:
 
         return torch.cuda.get_device_properties(0).total_memory / 1e9
     try:
-        import os
-
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
         ram = 16.0
@@ -190,20 +185,100 @@ def _initial_patch(spacing: Sequence[float], median_shape: Sequence[float]) -> l
     return [int(p) for p in np.minimum(patch, np.ceil(median_shape))]
 
 
-def _fit_patch(name: str, spacing: Sequence[float], median_shape: Sequence[float], blocks: Blocks, n_in: int,
-               n_cls: int, memory_gb: float, dataset: str) -> tuple[Architecture, list[int]]:
+@dataclass(frozen=True)
+class PlanningContext:
+    """What every configuration of one planning run shares: the dataset and the budgets."""
+
+    fp: Fingerprint
+    device: str  # "cpu" or "cuda"
+    memory_gb: float
+    time_budget_min: float  # CPU: the training time to plan for
+    throughput: float | None  # CPU: FLOP/s for an analytic step time instead of measured steps
+    timer: StepTimer
+    dataset_voxels: float  # as nnU-Net: the 3D median shape times the number of cases
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.fp.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.fp.labels) + 1
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The width, batch and schedule a device rule chose for a configuration, and why."""
+
+    arch: Architecture
+    batch: int
+    step_seconds: float | None
+    decision: str
+    epochs: int
+    iterations_per_epoch: int
+    time_budget_min: float | None
+
+
+def _fit_patch(ctx: PlanningContext, name: str, spacing: Sequence[float], median_shape: Sequence[float],
+               blocks: Blocks) -> tuple[Architecture, list[int]]:
     """Shrink the largest-relative-to-the-median axis until batch 2 fits the memory budget."""
-    budget = memory_gb * 1e9
+    budget = ctx.memory_gb * 1e9
     arch, p = _architecture(spacing, _initial_patch(spacing, median_shape), BASE_FEATURES, blocks)
-    while estimate_costs(arch, p, MIN_BATCH, n_in, n_cls).training_bytes > budget:
+    while estimate_costs(arch, p, MIN_BATCH, ctx.in_channels, ctx.num_classes).training_bytes > budget:
         ratios = np.asarray(p) / np.asarray(median_shape)
         axis = int(np.argmax(ratios))
         step = topology.divisibility(arch.strides)[axis]
         if p[axis] - step < 2 * topology.MIN_FEATURE_MAP:
-            raise PlanError(f"{dataset}: no {name} patch fits in {memory_gb:.1f} GB; raise --memory-gb")
+            raise PlanError(f"{ctx.fp.dataset_name}: no {name} patch fits in {ctx.memory_gb:.1f} GB; raise --memory-gb")
         p[axis] -= step
         arch, p = _architecture(spacing, p, BASE_FEATURES, blocks)
     return arch, p
+
+
+def _reversible_trade(ctx: PlanningContext, name: str, spacing: Sequence[float], median_shape: Sequence[float],
+                      blocks: Blocks, patch: list[int]) -> MemoryTrade:
+    """What the memory saving of reversible ``blocks`` bought: ``patch`` against the patch the same
+    blocks stored conventionally fit."""
+    _, stored_patch = _fit_patch(ctx, name, spacing, median_shape, blocks.model_copy(update={"reversible": False}))
+    gain = float(np.prod(patch) / np.prod(stored_patch))
+    return MemoryTrade(versus="the same blocks without reversible couplings", patch_size=list(patch),
+                       versus_patch_size=list(stored_patch), voxel_ratio=gain,
+                       note=(f"reversible couplings let patch {patch} fit in {ctx.memory_gb:.1f} GB where stored "
+                             f"activations allow {stored_patch} ({gain:.2f}x the voxels)") if gain > 1 else
+                       (f"no larger patch to buy: {stored_patch} already fits (capped by the median shape "
+                        f"{list(map(int, median_shape))}); the saving is headroom"))
+
+
+def _batch_limits(ctx: PlanningContext, arch: Architecture, patch: Sequence[int]) -> tuple[int, int]:
+    """(the largest batch the memory budget holds, 5% of the dataset's voxels in patches), both at
+    least :data:`MIN_BATCH`."""
+    batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * ctx.dataset_voxels / np.prod(patch)))
+    one = estimate_costs(arch, patch, 1, ctx.in_channels, ctx.num_classes)
+    per_sample, weights = one.activation_bytes + one.workspace_bytes, one.weight_state_bytes
+    mem_batch = max(MIN_BATCH, int((ctx.memory_gb * 1e9 - weights) // per_sample))
+    return mem_batch, batch_cap
+
+
+def _gpu_sizing(ctx: PlanningContext, arch: Architecture, patch: list[int], median_shape: Sequence[float],
+                mem_batch: int, batch_cap: int) -> Sizing:
+    """nnU-Net's rule: the fitted patch at base width, the largest batch memory and the 5% rule allow."""
+    batch = min(mem_batch, batch_cap)
+    why = (f"GPU plan: patch {patch} covers the median shape {list(map(int, median_shape))} as far as "
+           f"{ctx.memory_gb:.1f} GB allow; batch {batch} = min(memory {mem_batch}, 5% of dataset voxels {batch_cap})")
+    return Sizing(arch, batch, None, why, GPU_EPOCHS, GPU_ITERATIONS, None)
+
+
+def _cpu_step_time(ctx: PlanningContext, patch: Sequence[int]) -> tuple[Callable[[Architecture, int], float], str]:
+    """Seconds per training step of (architecture, batch) at ``patch``, and how they are obtained."""
+    n_in, n_cls, throughput = ctx.in_channels, ctx.num_classes, ctx.throughput
+    if throughput:  # analytic model at a given FLOP/s (deterministic; used by tests and dry runs)
+        def analytic(a: Architecture, b: int) -> float:
+            return estimate_costs(a, patch, b, n_in, n_cls).train_flops / throughput
+        return analytic, f"analytic FLOPs at {throughput / 1e9:.0f} GFLOP/s"
+
+    def measured(a: Architecture, b: int) -> float:  # small networks are dominated by overheads a FLOP count does not see
+        return CPU_STEP_OVERHEAD * ctx.timer(a, patch, b, n_in, n_cls)
+    return measured, f"measured training steps x {CPU_STEP_OVERHEAD} for data loading and validation"
 
 
 def _widest_fitting(step_seconds: Callable[[int], float], target: float) -> tuple[int, float]:
@@ -229,96 +304,69 @@ def _widest_fitting(step_seconds: Callable[[int], float], target: float) -> tupl
     return widths[i], seen[i]
 
 
-def _plan_configuration(name: str, spacing: list[float], median_shape: list[float], transpose: list[int],
-                        fp: Fingerprint, *, device: str, memory_gb: float, time_budget_min: float,
-                        throughput: float | None, dataset_voxels: float, variant: str = "plain",
-                        timer: StepTimer | None = None) -> Configuration:
-    dim = len(spacing)
+def _cpu_batch(step_time: Callable[[Architecture, int], float], arch: Architecture, step_s: float,
+               target_step: float, cap: int) -> tuple[int, float, str]:
+    """Raise the batch from :data:`MIN_BATCH` (whose step takes ``step_s``) toward ``target_step``,
+    at most ``cap``. Returns (batch, its step seconds, a note when they were extrapolated)."""
+    batch = int(min(cap, max(MIN_BATCH, MIN_BATCH * target_step // step_s)))
+    if batch <= MIN_BATCH:
+        return batch, step_s, ""
+    # per-sample cost falls with batch size when overheads dominate, or rises a little
+    linear = step_s * batch / MIN_BATCH
+    if linear > BATCH_EXTRAPOLATION_MARGIN * target_step:  # close to the target: time this batch
+        longer = step_time(arch, batch)
+        if longer > target_step:
+            batch = int(max(MIN_BATCH, batch * target_step // longer))
+        return batch, step_time(arch, batch), ""
+    return batch, linear, ", batch step time extrapolated from batch 2"
+
+
+def _cpu_sizing(ctx: PlanningContext, spacing: Sequence[float], patch: list[int], median_shape: Sequence[float],
+                blocks: Blocks, cap: int) -> Sizing:
+    """Compute-bound rule: the widest width whose batch-2 step meets the time budget's step target,
+    then the batch raised toward that target (at most ``cap``, the GPU-style batch)."""
+    target_step = ctx.time_budget_min * 60.0 / CPU_TARGET_ITERATIONS
+    step_time, how = _cpu_step_time(ctx, patch)
+    base, step_s = _widest_fitting(lambda w: step_time(_architecture(spacing, patch, w, blocks)[0], MIN_BATCH),
+                                   target_step)
+    arch, _ = _architecture(spacing, patch, base, blocks)
+    batch, step_s, extrapolated = _cpu_batch(step_time, arch, step_s, target_step, cap)
+    why = (f"CPU plan (compute-bound): {ctx.time_budget_min:g} min budget / {CPU_TARGET_ITERATIONS} target steps "
+           f"= {target_step:.3f} s per step ({how}); widest base width from {list(CPU_WIDTH_CHOICES)} meeting "
+           f"it is {base} at batch {batch} (est. {step_s:.3f} s/step{extrapolated}); patch {patch} from median shape "
+           f"{list(map(int, median_shape))}; GPU-style batch would be {cap}")
+    iters = CPU_ITERATIONS_PER_EPOCH
+    return Sizing(arch, batch, step_s, why, int(np.ceil(CPU_TARGET_ITERATIONS / iters)), iters, ctx.time_budget_min)
+
+
+def _plan_configuration(ctx: PlanningContext, name: str, spacing: list[float], median_shape: list[float],
+                        transpose: list[int], variant: str = "plain") -> Configuration:
+    """One configuration of one variant: the patch fitted to memory, then width and batch by the
+    device's rule, checked buildable, with its costs."""
     blocks = VARIANTS[variant]
-    n_in, n_cls = len(fp.channel_names), max(fp.labels) + 1
-    patch = _initial_patch(spacing, median_shape)
-    budget = memory_gb * 1e9
-
-    def fits(arch: Architecture, p: Sequence[int], batch: int) -> tuple[bool, float]:
-        total = estimate_costs(arch, p, batch, n_in, n_cls).training_bytes
-        return total <= budget, total
-
-    def fit_patch(with_blocks: Blocks) -> tuple[Architecture, list[int]]:
-        return _fit_patch(name, spacing, median_shape, with_blocks, n_in, n_cls, memory_gb, fp.dataset_name)
-
-    arch, patch = fit_patch(blocks)
-    trade = None
-    if blocks.reversible:  # what the memory saving bought, against the same blocks stored conventionally
-        _, stored_patch = fit_patch(blocks.model_copy(update={"reversible": False}))
-        gain = float(np.prod(patch) / np.prod(stored_patch))
-        trade = MemoryTrade(versus="the same blocks without reversible couplings", patch_size=list(patch),
-                            versus_patch_size=list(stored_patch), voxel_ratio=gain,
-                            note=(f"reversible couplings let patch {patch} fit in {memory_gb:.1f} GB where stored "
-                                  f"activations allow {stored_patch} ({gain:.2f}x the voxels)") if gain > 1 else
-                            (f"no larger patch to buy: {stored_patch} already fits (capped by the median shape "
-                             f"{list(map(int, median_shape))}); the saving is headroom"))
-
-    batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * dataset_voxels / np.prod(patch)))
-    one = estimate_costs(arch, patch, 1, n_in, n_cls)
-    per_sample, weights = one.activation_bytes + one.workspace_bytes, one.weight_state_bytes
-    mem_batch = max(MIN_BATCH, int((budget - weights) // per_sample))
-
-    if device.startswith("cuda"):
-        batch = min(mem_batch, batch_cap)
-        why = (f"GPU plan: patch {patch} covers the median shape {list(map(int, median_shape))} as far as "
-               f"{memory_gb:.1f} GB allow; batch {batch} = min(memory {mem_batch}, 5% of dataset voxels {batch_cap})")
-        epochs, iters, budget_min, step_s = GPU_EPOCHS, GPU_ITERATIONS, None, None
+    arch, patch = _fit_patch(ctx, name, spacing, median_shape, blocks)
+    trade = _reversible_trade(ctx, name, spacing, median_shape, blocks, patch) if blocks.reversible else None
+    mem_batch, batch_cap = _batch_limits(ctx, arch, patch)
+    if ctx.device.startswith("cuda"):
+        sizing = _gpu_sizing(ctx, arch, patch, median_shape, mem_batch, batch_cap)
     else:
-        target_step = time_budget_min * 60.0 / CPU_TARGET_ITERATIONS
-        if throughput:  # analytic model at a given FLOP/s (deterministic; used by tests and dry runs)
-            def step_time(a: Architecture, b: int) -> float:
-                return estimate_costs(a, patch, b, n_in, n_cls).train_flops / throughput
-            how = f"analytic FLOPs at {throughput / 1e9:.0f} GFLOP/s"
-        else:  # measured: small networks are dominated by overheads a FLOP count does not see
-            measure = timer or StepTimer()
-
-            def step_time(a: Architecture, b: int) -> float:
-                return CPU_STEP_OVERHEAD * measure(a, patch, b, n_in, n_cls)
-            how = f"measured training steps x {CPU_STEP_OVERHEAD} for data loading and validation"
-        cap = min(batch_cap, mem_batch)
-        base, step_s = _widest_fitting(lambda w: step_time(_architecture(spacing, patch, w, blocks)[0], MIN_BATCH),
-                                       target_step)
-        arch, _ = _architecture(spacing, patch, base, blocks)
-        batch = int(min(cap, max(MIN_BATCH, MIN_BATCH * target_step // step_s)))
-        extrapolated = ""
-        if batch > MIN_BATCH:  # per-sample cost falls with batch size when overheads dominate, or rises a little
-            linear = step_s * batch / MIN_BATCH
-            if linear > BATCH_EXTRAPOLATION_MARGIN * target_step:  # close to the target: measure this batch
-                longer = step_time(arch, batch)
-                if longer > target_step:
-                    batch = int(max(MIN_BATCH, batch * target_step // longer))
-                step_s = step_time(arch, batch)
-            else:
-                step_s, extrapolated = linear, ", batch step time extrapolated from batch 2"
-        why = (f"CPU plan (compute-bound): {time_budget_min:g} min budget / {CPU_TARGET_ITERATIONS} target steps "
-               f"= {target_step:.3f} s per step ({how}); widest base width from {list(CPU_WIDTH_CHOICES)} meeting "
-               f"it is {base} at batch {batch} (est. {step_s:.3f} s/step{extrapolated}); patch {patch} from median shape "
-               f"{list(map(int, median_shape))}; GPU-style batch would be {cap}")
-        iters = CPU_ITERATIONS_PER_EPOCH
-        epochs = int(np.ceil(CPU_TARGET_ITERATIONS / iters))
-        budget_min = time_budget_min
+        sizing = _cpu_sizing(ctx, spacing, patch, median_shape, blocks, min(batch_cap, mem_batch))
     try:
-        check_buildable(arch, patch)
+        check_buildable(sizing.arch, patch)
     except PlanError as e:
-        raise PlanError(f"{fp.dataset_name}: variant {variant!r} of {name} cannot be built: {e}") from None
-    _, total = fits(arch, patch, batch)
-    costs = estimate_costs(arch, patch, batch, n_in, n_cls)
-    norm = _normalization(fp)
+        raise PlanError(f"{ctx.fp.dataset_name}: variant {variant!r} of {name} cannot be built: {e}") from None
+    costs = estimate_costs(sizing.arch, patch, sizing.batch, ctx.in_channels, ctx.num_classes)
+    iters = sizing.iterations_per_epoch
     return Configuration(
         name=name, variant=variant, spacing=spacing, transpose_forward=transpose,
         median_shape=[int(round(m)) for m in median_shape],
-        patch_size=patch, batch_size=batch, normalization=norm, architecture=arch,
-        training=Training(epochs=epochs, iterations_per_epoch=iters, val_iterations=max(5, iters // 5),
-                          mirror_axes=list(range(dim)), time_budget_min=budget_min),
-        memory=MemoryEstimate(budget_gb=memory_gb, estimate_gb=total / 1e9, activations_gb=costs.activation_bytes / 1e9,
-                              workspace_gb=costs.workspace_bytes / 1e9, weights_gb=costs.weight_state_bytes / 1e9,
-                              flops_per_step=costs.train_flops, step_seconds_estimate=step_s, decision=why,
-                              trade=trade),
+        patch_size=patch, batch_size=sizing.batch, normalization=_normalization(ctx.fp), architecture=sizing.arch,
+        training=Training(epochs=sizing.epochs, iterations_per_epoch=iters, val_iterations=max(5, iters // 5),
+                          mirror_axes=list(range(len(spacing))), time_budget_min=sizing.time_budget_min),
+        memory=MemoryEstimate(budget_gb=ctx.memory_gb, estimate_gb=costs.training_bytes / 1e9,
+                              activations_gb=costs.activation_bytes / 1e9, workspace_gb=costs.workspace_bytes / 1e9,
+                              weights_gb=costs.weight_state_bytes / 1e9, flops_per_step=costs.train_flops,
+                              step_seconds_estimate=sizing.step_seconds, decision=sizing.decision, trade=trade),
     )
 
 
@@ -383,21 +431,19 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
     shapes = fp.shapes_after_crop() * spacings / np.asarray(spacing)
     median_shape = np.median(shapes, axis=0)[tf]
     spacing_t = [spacing[i] for i in tf]
-    # as nnU-Net: the dataset's size approximated by the 3D median shape times the number of cases
-    timer = timer or StepTimer()  # one per planning run: the same step is never measured twice
-    common = dict(device=dev, memory_gb=memory_gb, time_budget_min=time_budget_min, throughput=throughput, timer=timer,
-                  dataset_voxels=float(np.prod(median_shape, dtype=np.float64)) * len(fp.cases))
+    ctx = PlanningContext(fp=fp, device=dev, memory_gb=memory_gb, time_budget_min=time_budget_min, throughput=throughput,
+                          timer=timer or StepTimer(),  # one per planning run: the same step is never measured twice
+                          dataset_voxels=float(np.prod(median_shape, dtype=np.float64)) * len(fp.cases))
     out = {}
     cascade = any(c in configs for c in ("3d_lowres", "3d_cascade_fullres"))
-    n_in, n_cls = len(fp.channel_names), max(fp.labels) + 1
     for name in [c for c in ALL_CONFIGS if c in configs or (c == "3d_fullres" and cascade)]:
         if name in ("3d_lowres", "3d_cascade_fullres"):
             continue
         for variant in variants:
             if name == "3d_fullres":
-                c = _plan_configuration(name, spacing_t, list(median_shape), tf, fp, variant=variant, **common)
+                c = _plan_configuration(ctx, name, spacing_t, list(median_shape), tf, variant)
             else:
-                c = _plan_configuration(name, spacing_t[1:], list(median_shape[1:]), tf, fp, variant=variant, **common)
+                c = _plan_configuration(ctx, name, spacing_t[1:], list(median_shape[1:]), tf, variant)
                 c.spacing = [spacing_t[0], *c.spacing]  # 2d keeps the out-of-plane spacing as is
             out[c.key] = c
             if name != "3d_fullres" or not cascade:
@@ -408,7 +454,7 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
                 continue
 
             def covers(s: list[float], shape: list[float], v: str = variant) -> bool:
-                _, p = _fit_patch("3d_lowres", s, shape, VARIANTS[v], n_in, n_cls, memory_gb, fp.dataset_name)
+                _, p = _fit_patch(ctx, "3d_lowres", s, shape, VARIANTS[v])
                 return np.prod(p) / np.prod(shape) >= LOWRES_MIN_COVERAGE
 
             low_spacing = lowres_spacing(spacing_t, list(median_shape), covers)
@@ -416,13 +462,13 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
                 log.info("3d_lowres dropped: its median image would not be clearly smaller than 3d_fullres's")
                 continue
             low_median = list(np.asarray(median_shape) * np.asarray(spacing_t) / np.asarray(low_spacing))
-            low = _plan_configuration("3d_lowres", low_spacing, low_median, tf, fp, variant=variant, **common)
+            low = _plan_configuration(ctx, "3d_lowres", low_spacing, low_median, tf, variant)
             low.memory.decision += (f"; low-resolution stage: the 3d_fullres patch covers {coverage:.0%} of the median "
                                     f"image, so spacing was coarsened to {low_spacing}")
             casc = c.model_copy(deep=True, update={"name": "3d_cascade_fullres", "inherits_from": c.key,
                                                    "previous_stage": low.key})
-            casc.memory.decision = (f"3d_fullres's plan, with the one-hot {low.key} segmentation as {n_cls - 1} extra "
-                                    f"input channel(s); " + c.memory.decision)
+            casc.memory.decision = (f"3d_fullres's plan, with the one-hot {low.key} segmentation as "
+                                    f"{ctx.num_classes - 1} extra input channel(s); " + c.memory.decision)
             out[low.key], out[casc.key] = low, casc
     return Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, device=dev,
                  seed=seed, configurations=out, medseg_version=__version__)

@@ -36,11 +36,13 @@ class Normalization(_Model):
 
 
 class Blocks(_Model):
-    """Block variants, combinable (``reversible`` replaces the stage blocks, so not with
-    ``encoder_block: residual``). ``bottleneck: graph`` replaces the deepest stage's convs by graph
-    convolutions over its voxels (grid + feature-space kNN adjacency)."""
+    """Block variants, combinable (``reversible`` replaces the stage blocks, so only with
+    ``encoder_block: plain``). ``encoder_block`` names a block registered in
+    ``medseg.networks.variants`` (``plain``, ``residual``, …), checked when the network is built.
+    ``bottleneck: graph`` replaces the deepest stage's convs by graph convolutions over its voxels
+    (grid + feature-space kNN adjacency)."""
 
-    encoder_block: Literal["plain", "residual"] = "plain"
+    encoder_block: str = "plain"
     attention_gates: bool = False
     squeeze_excitation: Literal["none", "cse", "sse", "scse"] = "none"
     se_reduction: int = 2

@@ -3,8 +3,10 @@
 Budget: epochs × iterations per epoch, optionally capped by wall-clock minutes. The poly learning
 rate follows whichever budget is further along, so a time-limited run still anneals to ~0.
 Checkpoints (latest each epoch, best by smoothed pseudo-Dice, final) are written atomically and
-hold everything needed to resume exactly: model, optimiser, epoch, RNG state, history, elapsed time.
-Batches are a pure function of (seed, epoch, index), so a resumed run sees the same data.
+hold everything needed to resume exactly (:class:`~medseg.networks.checkpoint.TrainingCheckpoint`:
+model, optimiser, RNG state and the :class:`~medseg.networks.checkpoint.TrainingState`: epoch,
+elapsed time, EMA, history). Batches are a pure function of (seed, epoch, index), so a resumed run
+sees the same data.
 """
 
 from __future__ import annotations
@@ -13,17 +15,26 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from medseg import __version__
 from medseg.errors import CheckpointError
-from medseg.networks.checkpoint import load_checkpoint, save_checkpoint
+from medseg.networks.checkpoint import (
+    FinalCheckpoint,
+    TrainingCheckpoint,
+    TrainingState,
+    load_training_checkpoint,
+    save_checkpoint,
+)
 from medseg.networks.unet import build_network
-from medseg.plans.schema import Configuration, Plans
+from medseg.plans.schema import Configuration, Plans, Training
 from medseg.progress import make_progress
 from medseg.training.cascade import build_priors
 from medseg.training.curves import plot_curves
@@ -31,7 +42,7 @@ from medseg.training.data import BatchSource
 from medseg.training.losses import DeepSupervisionLoss
 from medseg.training.splits import NUM_FOLDS, fold_case_ids
 from medseg.utils import atomic_write_text
-from medseg.workdir import FULL, WorkDir
+from medseg.workdir import FULL, Fold, RunDir, WorkDir
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
@@ -76,6 +87,90 @@ def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> 
     return out
 
 
+@dataclass(frozen=True)
+class FoldSetup:
+    """One fold's training as read from the work directory and the plan."""
+
+    plans: Plans
+    config: Configuration
+    fold: Fold
+    run_dir: RunDir
+    data_folder: Path  # the preprocessed cases
+    train_ids: list[str]
+    val_ids: list[str]
+    prior_folder: Path | None  # a cascade stage's priors
+    budget: Budget
+    seed: int
+
+    @property
+    def training(self) -> Training:
+        return self.config.training
+
+    @property
+    def num_classes(self) -> int:
+        return self.plans.num_classes
+
+
+@dataclass
+class TrainingComponents:
+    """What the plan builds for training: network, optimiser, AMP gradient scaler, loss."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: DeepSupervisionLoss
+    device: str
+
+    @property
+    def amp(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass(frozen=True)
+class PatchValidation:
+    """An epoch's validation patches: mean loss and per-foreground-class pseudo-Dice, shape (K-1,)."""
+
+    loss: float
+    per_class: np.ndarray
+
+    @property
+    def pseudo_dice(self) -> float:
+        return float(self.per_class.mean())
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One line of ``log.jsonl`` (and one entry of the state's history, as ``asdict``)."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    val_loss: float
+    pseudo_dice: float
+    pseudo_dice_per_class: list[float]
+    pseudo_dice_ema: float
+    epoch_s: float
+    train_s: float
+    samples_per_s: float
+    elapsed_s: float
+
+
+class _Clock:
+    """Training seconds over all sessions: the state's ``elapsed_s`` plus this session's since the last checkpoint."""
+
+    def __init__(self, state: TrainingState) -> None:
+        self.state = state
+        self.t_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.state.elapsed_s + (time.perf_counter() - self.t_start)
+
+    def bank(self) -> None:
+        """Move the time so far into the state (before it is checkpointed) and count on from zero."""
+        self.state.elapsed_s = self.elapsed()
+        self.t_start = time.perf_counter()
+
+
 def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int | None = None,
                iterations_per_epoch: int | None = None, time_budget_min: float | None = None,
                resume: bool = False, device: str = "cpu", num_workers: int | None = None,
@@ -87,127 +182,195 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
 
     ``num_workers``: augmentation processes (default 1 on CPU, up to 8 on CUDA)."""
     work = WorkDir.of(workdir)
-    if num_workers is None:  # on a CPU the cores belong to torch; a GPU wants augmentation in parallel
-        num_workers = 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+    num_workers = _default_num_workers(device) if num_workers is None else num_workers
     plans = Plans.load(work.plans)
     config = plans.config(config_name)
+    budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
+    setup = _set_up(work, plans, config, fold, budget, resume)
+    parts = _build_components(setup, device)
+    state = _resume(parts, setup.run_dir) if resume else TrainingState()
+    setup.run_dir.path.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        train_src, val_src = _batch_sources(setup, stack)
+        _write_run_json(setup, device)
+        clock = _Clock(state)
+        with _progress_bar(f"train {config.key} fold {fold}", budget.epochs, state.epoch, progress) as advance:
+            while _continues(state, clock, budget):
+                _run_epoch(setup, parts, state, clock, train_src, val_src, num_workers)
+                _save_epoch(setup, parts, state)
+                advance(state.epoch)
+    save_checkpoint(setup.run_dir.final, FinalCheckpoint(parts.model.state_dict(), config.key, str(fold),
+                                                         state.epoch, state.elapsed_s))
+    log.info("training done: %d epochs in %.1f min", state.epoch, state.elapsed_s / 60)
+    return setup.run_dir.path
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def _default_num_workers(device: str) -> int:
+    # on a CPU the cores belong to torch; a GPU wants augmentation in parallel
+    return 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _set_up(work: WorkDir, plans: Plans, config: Configuration, fold: Fold, budget: Budget,
+            resume: bool) -> FoldSetup:
+    """The fold's run folder (checked against ``resume``), cases, priors and seed."""
     run_dir = work.run(config.key, fold)
-    run, latest = run_dir.path, run_dir.latest
-    if latest.exists() and not resume:
-        raise CheckpointError(f"{run}: a run exists already; pass --resume to continue it (or delete the folder)")
-    if resume and not latest.exists():
-        raise CheckpointError(f"{latest}: nothing to resume")
+    if run_dir.latest.exists() and not resume:
+        raise CheckpointError(f"{run_dir.path}: a run exists already; pass --resume to continue it (or delete the folder)")
+    if resume and not run_dir.latest.exists():
+        raise CheckpointError(f"{run_dir.latest}: nothing to resume")
     train_ids, val_ids = fold_case_ids(work, plans, config, fold)
     prior_folder = build_priors(work, plans, config) if config.previous_stage else None
-    budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
     seed = plans.seed + (NUM_FOLDS if fold == FULL else int(fold))
-    torch.manual_seed(seed)
-    n_classes = plans.num_classes
-    model = build_network(config.architecture, plans.input_channels(config), n_classes).to(device)
-    t = config.training
+    return FoldSetup(plans, config, fold, run_dir, work.preprocessed(config.data_config), train_ids, val_ids,
+                     prior_folder, budget, seed)
+
+
+def _build_components(setup: FoldSetup, device: str) -> TrainingComponents:
+    """The network (initial weights from the fold's seed), SGD with Nesterov momentum, the scaler, the loss."""
+    torch.manual_seed(setup.seed)
+    config, t = setup.config, setup.training
+    model = build_network(config.architecture, setup.plans.input_channels(config), setup.num_classes).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=t.initial_lr, momentum=t.momentum, nesterov=True,
                                 weight_decay=t.weight_decay)
-    amp = device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    loss_fn = DeepSupervisionLoss()
-    state = {"epoch": 0, "elapsed_s": 0.0, "best_ema": -1.0, "ema": None, "history": []}
-    if resume:
-        ckpt = load_checkpoint(latest, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"]) if amp and ckpt.get("scaler") else None
-        torch.set_rng_state(ckpt["torch_rng"])
-        state = {k: ckpt[k] for k in state}
-        log.info("resumed %s at epoch %d", run, state["epoch"])
-    run.mkdir(parents=True, exist_ok=True)
-    folder = work.preprocessed(config.data_config)
-    prior = dict(prior_folder=prior_folder, num_classes=n_classes)
-    train_src = BatchSource(folder, train_ids, config.patch_size, config.batch_size,
-                            oversample_foreground=t.oversample_foreground, augment=True, seed=seed,
-                            mirror_axes=t.mirror_axes, **prior)
-    val_src = BatchSource(folder, val_ids, config.patch_size, config.batch_size,
-                          oversample_foreground=t.oversample_foreground, augment=False, seed=seed + 7919, **prior)
-    meta = {"plans_config": config.model_dump(), "fold": fold, "device": device, "budget": asdict(budget),
-            "train_cases": len(train_ids), "val_cases": len(val_ids), "seed": seed, "medseg_version": __version__,
-            "torch_version": torch.__version__}
-    atomic_write_text(run_dir.run_json, json.dumps(meta, indent=2))
-    log_path = run_dir.log
+    scaler = torch.amp.GradScaler("cuda", enabled=device.startswith("cuda"))
+    return TrainingComponents(model, optimizer, scaler, DeepSupervisionLoss(), device)
 
-    def elapsed() -> float:
-        return state["elapsed_s"] + (time.perf_counter() - t_start)
 
-    t_start = time.perf_counter()
-    bar = make_progress() if progress else None
-    task = bar.add_task(f"train {config.key} fold {fold}", total=budget.epochs, completed=state["epoch"]) if bar else None
-    if bar:
-        bar.start()
+def _resume(parts: TrainingComponents, run_dir: RunDir) -> TrainingState:
+    """Load the latest checkpoint into ``parts`` and the torch RNG; the state it was saved in."""
+    ckpt = load_training_checkpoint(run_dir.latest, map_location=parts.device)
+    parts.model.load_state_dict(ckpt.model)
+    parts.optimizer.load_state_dict(ckpt.optimizer)
+    if parts.amp and ckpt.scaler:
+        parts.scaler.load_state_dict(ckpt.scaler)
+    torch.set_rng_state(ckpt.torch_rng.cpu())  # map_location moved it to the device; the RNG state lives on the CPU
+    log.info("resumed %s at epoch %d", run_dir.path, ckpt.state.epoch)
+    return ckpt.state
+
+
+def _batch_sources(setup: FoldSetup, stack: ExitStack) -> tuple[BatchSource, BatchSource]:
+    """Augmented training batches and plain validation patches; ``stack`` closes them (their workers)."""
+    config, t = setup.config, setup.training
+    common: dict[str, Any] = dict(oversample_foreground=t.oversample_foreground, prior_folder=setup.prior_folder,
+                                  num_classes=setup.num_classes)
+    train = stack.enter_context(BatchSource(setup.data_folder, setup.train_ids, config.patch_size, config.batch_size,
+                                            augment=True, seed=setup.seed, mirror_axes=t.mirror_axes, **common))
+    val = stack.enter_context(BatchSource(setup.data_folder, setup.val_ids, config.patch_size, config.batch_size,
+                                          augment=False, seed=setup.seed + 7919, **common))
+    return train, val
+
+
+def _write_run_json(setup: FoldSetup, device: str) -> None:
+    meta = {"plans_config": setup.config.model_dump(), "fold": setup.fold, "device": device,
+            "budget": asdict(setup.budget), "train_cases": len(setup.train_ids), "val_cases": len(setup.val_ids),
+            "seed": setup.seed, "medseg_version": __version__, "torch_version": torch.__version__}
+    atomic_write_text(setup.run_dir.run_json, json.dumps(meta, indent=2))
+
+
+@contextmanager
+def _progress_bar(description: str, total: int, completed: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A bar of epochs when ``enabled``; yields ``advance(epochs_done)``."""
+    if not enabled:
+        yield lambda done: None
+        return
+    bar = make_progress()
+    task = bar.add_task(description, total=total, completed=completed)
+    bar.start()
     try:
-        while state["epoch"] < budget.epochs and _progress(state["epoch"], elapsed(), budget) < 1.0:
-            epoch = state["epoch"]
-            lr = poly_lr(t.initial_lr, _progress(epoch, elapsed(), budget), t.poly_exponent)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            model.train()
-            t_epoch = time.perf_counter()
-            losses = []
-            for batch in train_src.iterate(epoch, budget.iterations_per_epoch, num_workers):
-                x = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
-                y = torch.from_numpy(batch["target"].astype(np.int64)).to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                    loss = loss_fn(model(x), y)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.item())
-            train_s = time.perf_counter() - t_epoch
-            model.eval()
-            val_losses, counts = [], np.zeros((n_classes - 1, 3))
-            with torch.no_grad():
-                for batch in val_src.iterate(0, budget.val_iterations, 0):
-                    x = torch.from_numpy(batch["data"]).to(device)
-                    y = torch.from_numpy(batch["target"].astype(np.int64)).to(device)
-                    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-                        out = model(x)
-                    val_losses.append(loss_fn(out.float(), y).item())
-                    counts += _pseudo_dice(out, y, n_classes)
-            tp, fp, fn = counts.T
-            per_class = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-            pseudo = float(per_class.mean())
-            state["ema"] = pseudo if state["ema"] is None else EMA_DECAY * state["ema"] + (1 - EMA_DECAY) * pseudo
-            state["epoch"] = epoch + 1
-            rec = {"epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(losses)),
-                   "val_loss": float(np.mean(val_losses)), "pseudo_dice": pseudo,
-                   "pseudo_dice_per_class": per_class.tolist(), "pseudo_dice_ema": state["ema"],
-                   "epoch_s": time.perf_counter() - t_epoch, "train_s": train_s,
-                   "samples_per_s": budget.iterations_per_epoch * config.batch_size / max(train_s, 1e-9),
-                   "elapsed_s": elapsed()}
-            state["history"].append(rec)
-            log.info("epoch %d/%d  train %.4f  val %.4f  pseudo-Dice %.3f (ema %.3f)  lr %.5f  %.1fs",
-                     epoch + 1, budget.epochs, rec["train_loss"], rec["val_loss"], pseudo, state["ema"], lr,
-                     rec["epoch_s"])
-            state["elapsed_s"] = elapsed()
-            t_start = time.perf_counter()
-            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if amp else None, "torch_rng": torch.get_rng_state(),
-                    "config": config.key, "fold": str(fold), **state}
-            save_checkpoint(latest, ckpt)
-            # the log is rewritten from the checkpoint's history, so a kill never leaves them disagreeing
-            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
-            if state["ema"] > state["best_ema"]:
-                state["best_ema"] = state["ema"]
-                ckpt["best_ema"] = state["ema"]
-                save_checkpoint(run_dir.best, ckpt)
-            plot_curves(state["history"], run_dir.curves)
-            if bar:
-                bar.update(task, completed=state["epoch"])
+        yield lambda done: bar.update(task, completed=done)
     finally:
-        if bar:
-            bar.stop()
-    save_checkpoint(run_dir.final, {"model": model.state_dict(), "config": config.key,
-                                                  "fold": str(fold), "epoch": state["epoch"],
-                                                  "elapsed_s": state["elapsed_s"]})
-    log.info("training done: %d epochs in %.1f min", state["epoch"], state["elapsed_s"] / 60)
-    return run
+        bar.stop()
+
+
+# ---------------------------------------------------------------- epochs
+
+
+def _continues(state: TrainingState, clock: _Clock, budget: Budget) -> bool:
+    return state.epoch < budget.epochs and _progress(state.epoch, clock.elapsed(), budget) < 1.0
+
+
+def _run_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState, clock: _Clock,
+               train_src: BatchSource, val_src: BatchSource, num_workers: int) -> None:
+    """Training steps at the scheduled learning rate, then the validation patches; the epoch's
+    record goes into ``state`` (epoch, EMA, history, elapsed time)."""
+    epoch, budget, t = state.epoch, setup.budget, setup.training
+    lr = poly_lr(t.initial_lr, _progress(epoch, clock.elapsed(), budget), t.poly_exponent)
+    t_epoch = time.perf_counter()
+    losses = _train_steps(parts, train_src.iterate(epoch, budget.iterations_per_epoch, num_workers), lr, t.grad_clip)
+    train_s = time.perf_counter() - t_epoch
+    val = _validate_patches(parts, val_src.iterate(0, budget.val_iterations, 0), setup.num_classes)
+    pseudo = val.pseudo_dice
+    state.ema = pseudo if state.ema is None else EMA_DECAY * state.ema + (1 - EMA_DECAY) * pseudo
+    state.epoch = epoch + 1
+    rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=float(np.mean(losses)), val_loss=val.loss,
+                      pseudo_dice=pseudo, pseudo_dice_per_class=val.per_class.tolist(), pseudo_dice_ema=state.ema,
+                      epoch_s=time.perf_counter() - t_epoch, train_s=train_s,
+                      samples_per_s=budget.iterations_per_epoch * setup.config.batch_size / max(train_s, 1e-9),
+                      elapsed_s=clock.elapsed())
+    state.history.append(asdict(rec))
+    log.info("epoch %d/%d  train %.4f  val %.4f  pseudo-Dice %.3f (ema %.3f)  lr %.5f  %.1fs", rec.epoch,
+             budget.epochs, rec.train_loss, rec.val_loss, pseudo, state.ema, lr, rec.epoch_s)
+    clock.bank()
+
+
+def _to_device(batch: dict[str, Any], device: str, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's image (B, C, *S) float32 and target (B, 1, *S) int64 on ``device``."""
+    x = torch.from_numpy(batch["data"]).to(device, non_blocking=non_blocking)
+    y = torch.from_numpy(batch["target"].astype(np.int64)).to(device, non_blocking=non_blocking)
+    return x, y
+
+
+def _train_steps(parts: TrainingComponents, batches: Iterable[dict[str, Any]], lr: float,
+                 grad_clip: float) -> list[float]:
+    """One SGD step per batch at ``lr`` (AMP on CUDA, gradients clipped); the losses."""
+    model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    model.train()
+    losses = []
+    for batch in batches:
+        x, y = _to_device(batch, parts.device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=parts.amp):
+            loss = parts.loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+    return losses
+
+
+def _validate_patches(parts: TrainingComponents, batches: Iterable[dict[str, Any]], n_classes: int) -> PatchValidation:
+    """Loss and pseudo-Dice (Dice of the summed tp/fp/fn over all patches) of the validation patches."""
+    parts.model.eval()
+    losses, counts = [], np.zeros((n_classes - 1, 3))
+    with torch.no_grad():
+        for batch in batches:
+            x, y = _to_device(batch, parts.device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=parts.amp):
+                out = parts.model(x)
+            losses.append(parts.loss_fn(out.float(), y).item())
+            counts += _pseudo_dice(out, y, n_classes)
+    tp, fp, fn = counts.T
+    return PatchValidation(float(np.mean(losses)), 2 * tp / np.maximum(2 * tp + fp + fn, 1))
+
+
+def _save_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState) -> None:
+    """``checkpoint_latest.pt``, the log, ``checkpoint_best.pt`` when the smoothed pseudo-Dice improved, the curves."""
+    run_dir = setup.run_dir
+    ckpt = TrainingCheckpoint(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
+                              scaler=parts.scaler.state_dict() if parts.amp else None,
+                              torch_rng=torch.get_rng_state(), config=setup.config.key, fold=str(setup.fold),
+                              state=replace(state))  # a snapshot: best_ema changes below
+    save_checkpoint(run_dir.latest, ckpt)
+    # the log is rewritten from the checkpoint's history, so a kill never leaves them disagreeing
+    atomic_write_text(run_dir.log, "".join(json.dumps(r) + "\n" for r in state.history))
+    if state.ema > state.best_ema:
+        state.best_ema = state.ema
+        save_checkpoint(run_dir.best, replace(ckpt, state=replace(ckpt.state, best_ema=state.ema)))
+    plot_curves(state.history, run_dir.curves)
