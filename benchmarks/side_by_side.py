@@ -435,7 +435,7 @@ class Bench:
         shutil.rmtree(dst, ignore_errors=True)
         torch.set_num_threads(os.cpu_count() or 1)
         t0 = time.perf_counter()
-        predictor.predict_folder(inputs, dst, self.medseg_work, tta=tta, model=model)
+        predictor.predict_folder(inputs, dst, model, tta=tta)
         total = time.perf_counter() - t0
         return {"end_to_end_s": total, "forward_s": spent[0], "forward_calls": calls[0],
                 "ratio": total / spent[0] if spent[0] else None, "cases": len(cases)}

@@ -17,9 +17,11 @@ os.umask(_UMASK)
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     """A temporary file next to ``path`` (same suffixes, so writers that choose the format by
-    extension work) that replaces ``path`` only when the block completes; removed on failure."""
+    extension work) that replaces ``path`` only when the block completes; removed on failure.
+    ``durable``: the file's data and then the rename are flushed to disk (``fsync`` of the file and
+    of its folder) before returning, so the file survives a power loss once this returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix="".join(path.suffixes), dir=path.parent)
@@ -27,15 +29,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
+        if durable:
+            _fsync(tmp, os.O_WRONLY)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent, os.O_RDONLY)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the file appears only when complete (temp file + rename)."""
-    with atomic_path(path) as tmp:
+def _fsync(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` so that the file appears only when complete (temp file + rename);
+    ``durable`` as in :func:`atomic_path`."""
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data)
 
 

@@ -16,6 +16,7 @@ from medseg.errors import DatasetError, MedsegError
 from medseg.io.dicom import SeriesSelector, check_series, find_series, read_series, select_series
 from medseg.io.dicom_seg import read_dicom_seg, write_dicom_seg
 from medseg.io.image import from_sitk, read_image
+from medseg.io.transfer_syntaxes import DECODABLE_TRANSFER_SYNTAXES
 
 
 def _sitk_volume(series):
@@ -104,6 +105,39 @@ def test_unsupported_transfer_syntax(crop_copy):
     ds.PixelData = pydicom.encaps.encapsulate([ds.PixelData])
     ds.save_as(files[0], enforce_file_format=True)
     _one_line_error(root, "unsupported transfer syntax 1.2.840.10008.1.2.4.100")
+
+
+def test_deflated_series_reads_like_the_uncompressed_one(crop_copy):
+    """Deflated Explicit VR Little Endian is decodable (and so accepted by ``medseg serve``): GDCM
+    reads the same voxels and geometry from it."""
+    root, files = crop_copy
+    (series,) = [s for s in find_series(root) if s.is_image]
+    image, geometry = read_series(series)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+    (deflated,) = [s for s in find_series(root) if s.is_image]
+    assert {s.transfer_syntax for s in deflated.slices} == {pydicom.uid.DeflatedExplicitVRLittleEndian}
+    again, again_geometry = read_series(deflated)
+    assert np.array_equal(again, image)
+    np.testing.assert_allclose(again_geometry.affine, geometry.affine)
+
+
+def test_the_node_accepts_exactly_the_transfer_syntaxes_medseg_decodes():
+    from pynetdicom.sop_class import Verification
+
+    from medseg.deploy.node import storage_ae
+
+    assert set(DECODABLE_TRANSFER_SYNTAXES) == {
+        "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.5",
+    }  # uncompressed (with deflated and big endian), JPEG, JPEG-LS, JPEG 2000, RLE
+    storage = [c for c in storage_ae("MEDSEG", ["PACS"]).supported_contexts if c.abstract_syntax != Verification]
+    assert len(storage) > 100
+    assert all(c.transfer_syntax == list(DECODABLE_TRANSFER_SYNTAXES) for c in storage)
 
 
 def test_non_image_objects_only(shared_data_dir, tmp_path):

@@ -11,7 +11,7 @@ from helpers import make_case
 from test_training import _tiny_plan
 
 from medseg.errors import MedsegError
-from medseg.inference.predictor import predict_folder
+from medseg.inference.predictor import LoadedModel, PredictOptions, predict_folder
 from medseg.inference.sliding_window import predict_logits_tta
 from medseg.training.loop import train_fold
 
@@ -71,6 +71,28 @@ def test_existing_outputs_are_skipped_unless_overwrite(trained, tmp_path):
     assert len(predict_folder(tmp_path / "in", tmp_path / "out", trained, tta=False)) == 1
     assert predict_folder(tmp_path / "in", tmp_path / "out", trained, tta=False) == []
     assert len(predict_folder(tmp_path / "in", tmp_path / "out", trained, tta=False, overwrite=True)) == 1
+
+
+def test_a_loaded_model_with_options_predicts_as_a_work_directory_with_keywords(trained, tmp_path):
+    image, _ = make_case(seed=8)
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(image[0], np.eye(4)), tmp_path / "in" / "w.nii.gz")
+    (by_path,) = predict_folder(tmp_path / "in", tmp_path / "a", trained, folds=[0], tta=False)
+    model = LoadedModel.load(trained, folds=[0])
+    (loaded,) = predict_folder(tmp_path / "in", tmp_path / "b", model, PredictOptions(tta=False))
+    assert np.array_equal(np.asanyarray(nib.load(by_path).dataobj), np.asanyarray(nib.load(loaded).dataobj))
+    assert (tmp_path / "a" / "predict_summary.csv").read_bytes() == (tmp_path / "b" / "predict_summary.csv").read_bytes()
+
+
+def test_choosing_folds_or_device_for_a_loaded_model_is_refused(trained, tmp_path):
+    model = LoadedModel.load(trained, folds=[0])
+    for given in ({"folds": [0]}, {"device": "cpu"}, {"config_name": "3d_fullres"}):
+        with pytest.raises(MedsegError, match=f"{next(iter(given))} choose what to load") as err:
+            predict_folder(tmp_path / "in", tmp_path / "out", model, **given)
+        assert "\n" not in str(err.value)
+    with pytest.raises(TypeError, match="tta_mode"):  # options are checked by name too
+        predict_folder(tmp_path / "in", tmp_path / "out", model, tta_mode=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_wrong_channel_count_is_refused(trained, tmp_path):

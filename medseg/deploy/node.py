@@ -6,10 +6,10 @@ C-STORE to the destination AE (or STOW-RS to a DICOMweb endpoint).
 The spool is the source of truth, so a ``kill -9`` at any point loses nothing and processes every
 series once:
 
-- ``incoming/<series>/<sop>.dcm``: each instance is written (temp file, fsync, rename) *before* the
-  C-STORE is acknowledged. ``incoming/<series>/.released`` marks that an association that sent to
-  the series has ended; a series is complete when it is released and nothing arrived for
-  ``idle_timeout_s``.
+- ``incoming/<series>/<sop>.dcm``: each instance is written (temp file, fsync, rename:
+  :func:`medseg.utils.atomic_write_bytes` with ``durable``) *before* the C-STORE is acknowledged.
+  ``incoming/<series>/.released`` marks that an association that sent to the series has ended; a
+  series is complete when it is released and nothing arrived for ``idle_timeout_s``.
 - ``processing/<series>/``: the series is moved here (one rename) when a worker takes it. The SEG is
   written once to ``processing/<series>/out/`` and then sent; on restart, series left here are
   finished from where they stopped: an existing SEG is sent again with the same SOP Instance UID
@@ -32,12 +32,17 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from medseg.errors import MedsegError
+from medseg.io.transfer_syntaxes import DECODABLE_TRANSFER_SYNTAXES
+from medseg.utils import atomic_write_bytes
 from medseg.workdir import WorkDir
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +95,22 @@ def tag(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:10]
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp_{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def storage_ae(ae_title: str, allowed_calling_aets: list[str]) -> AE:
+    """The node's pynetdicom ``AE``: Storage SCP for every storage SOP class in the transfer syntaxes
+    medseg decodes (:data:`medseg.io.transfer_syntaxes.DECODABLE_TRANSFER_SYNTAXES`, so nothing is
+    acknowledged that prediction then cannot read) and Verification (C-ECHO), for the calling AE
+    titles given only."""
+    from pynetdicom import AE, AllStoragePresentationContexts
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=ae_title)
+    ae.require_calling_aet = list(allowed_calling_aets)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, list(DECODABLE_TRANSFER_SYNTAXES))
+    ae.add_supported_context(Verification)
+    ae.maximum_associations = 32
+    ae.network_timeout = ae.dimse_timeout = ae.acse_timeout = 120
+    return ae
 
 
 class Spool:
@@ -117,13 +126,13 @@ class Spool:
             folder.mkdir(exist_ok=True)
             (folder / ".released").unlink(missing_ok=True)
             (folder / ".aborted").unlink(missing_ok=True)
-        _write_durably(folder / f"{sop_uid}.dcm", data)
+        atomic_write_bytes(folder / f"{sop_uid}.dcm", data, durable=True)
 
     def released(self, series_uids: set[str], marker: str = ".released") -> None:
         for uid in series_uids:
             folder = self.root / "incoming" / uid
             if folder.is_dir():
-                _write_durably(folder / marker, b"")
+                atomic_write_bytes(folder / marker, b"", durable=True)
 
     def ready(self, idle_s: float, aborted_s: float) -> list[str]:
         """Series whose association was released and that were idle for ``idle_s`` since the newest
@@ -132,7 +141,7 @@ class Spool:
         out = []
         with self.lock:
             for folder in sorted((self.root / "incoming").iterdir()):
-                files = [f for f in folder.iterdir() if f.suffix == ".dcm"]
+                files = [f for f in folder.iterdir() if f.suffix == ".dcm" and not f.name.startswith(".")]
                 if not files:
                     continue
                 idle = now - max(f.stat().st_mtime for f in files)
@@ -198,16 +207,9 @@ class Node:
         return 0x0000
 
     def start(self) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom import evt
 
-        ae = AE(ae_title=self.config.ae_title)
-        ae.require_calling_aet = list(self.config.allowed_calling_aets)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification)
-        ae.maximum_associations = 32
-        ae.network_timeout = ae.dimse_timeout = ae.acse_timeout = 120
+        ae = storage_ae(self.config.ae_title, self.config.allowed_calling_aets)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_RELEASED, self._on_end), (evt.EVT_ABORTED, self._on_end)]
         self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
@@ -259,13 +261,14 @@ class Node:
             self.busy.discard(uid)
 
     def _predict(self, folder: Path) -> list[Path]:
-        from medseg.inference.predictor import predict_folder
+        from medseg.inference.predictor import PredictOptions, predict_folder
 
         work = folder / "work"
         if work.exists():
             shutil.rmtree(work)
-        written = predict_folder(folder, work, self.config.model_dir, output_format="dicom-seg", series=self.config.series,
-                                 tta=self.config.tta, overwrite=True, model=self._loaded_model())
+        options = PredictOptions(output_format="dicom-seg", series=self.config.series, tta=self.config.tta,
+                                 overwrite=True)
+        written = predict_folder(folder, work, self._loaded_model(), options)
         out = folder / "out"
         os.replace(work, out)  # one rename: the SEGs exist completely or not at all
         return [out / p.name for p in written]
@@ -321,10 +324,3 @@ class Node:
         if self.server is not None:
             self.server.shutdown()
         self.pool.shutdown(wait=True)
-
-
-ALL_TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.4.50",
-    "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
-    "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5",
-]

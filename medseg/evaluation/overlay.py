@@ -3,14 +3,13 @@ the reference outlined in green and the prediction in red/colour per class."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medseg.io.image import read_image
-from medseg.utils import atomic_write_bytes
+from medseg.plotting import colormap, new_figure, save_figure
 
 
 def _best_slice(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
@@ -23,17 +22,14 @@ def _best_slice(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int]:
 
 def save_overlays(cases: Sequence[tuple[str, Path, Path, Path]], path: Path, max_cases: int = 12) -> None:
     """``cases``: (case_id, image file, prediction file, reference file). Writes one PNG grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = list(cases)[:max_cases]
     if not cases:
         return
     cols = min(4, len(cases))
     rows = int(np.ceil(len(cases) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    fig = new_figure(figsize=(3.2 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    autumn = colormap("autumn")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (case_id, image_path, pred_path, ref_path) in zip(axes.ravel(), cases, strict=False):
@@ -48,11 +44,8 @@ def save_overlays(cases: Sequence[tuple[str, Path, Path, Path]], path: Path, max
             if (ref2 == k).any():
                 ax.contour(ref2 == k, levels=[0.5], colors="lime", linewidths=1.0)
             if (pred2 == k).any():
-                ax.contour(pred2 == k, levels=[0.5], colors=[plt.cm.autumn(k / 4)], linewidths=1.0, linestyles="--")
+                ax.contour(pred2 == k, levels=[0.5], colors=[autumn(k / 4)], linewidths=1.0, linestyles="--")
         ax.set_title(f"{case_id} (axis {axis}, slice {idx})", fontsize=8)
     fig.suptitle("reference: green solid, prediction: dashed", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=90)

@@ -13,8 +13,6 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import ndimage
 
-NONE: dict = {"foreground": False, "classes": []}
-
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of a boolean mask (the mask itself when it has at most one)."""

@@ -2,18 +2,22 @@
 export in the input's exact geometry → mean over configurations → postprocessing.
 
 A :class:`Stage` is one configuration with its fold models; a cascade stage holds its previous
-stage and runs it first. Without ``-c``, ``predict_folder`` follows ``model.json`` (written by
-``medseg find-best``): its configurations, folds, postprocessing and QC threshold.
+stage and runs it first. :func:`predict_folder` takes *which model* (a work directory, or a
+:class:`LoadedModel` loaded once) apart from *how to predict* (:class:`PredictOptions`). Without
+``-c``, the model follows ``model.json`` (written by ``medseg find-best``): its configurations,
+folds, postprocessing and QC threshold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -23,13 +27,15 @@ from medseg.inference.postprocessing import apply_postprocessing
 from medseg.inference.sliding_window import predict_volume
 from medseg.inference.uncertainty import entropy_map
 from medseg.io.dataset import Case, read_case_image
-from medseg.io.dicom import Series
+from medseg.io.dicom import Series, SeriesSelector, find_series, read_series, select_series
+from medseg.io.dicom_seg import write_dicom_seg
 from medseg.io.image import image_suffix, write_image
 from medseg.networks.checkpoint import load_checkpoint
 from medseg.networks.unet import build_network
 from medseg.plans.schema import ChosenModel, Configuration, Plans
 from medseg.preprocessing.pipeline import export_probability_maps, preprocess_image, prior_channels
-from medseg.utils import atomic_write_json
+from medseg.progress import track
+from medseg.utils import atomic_path, atomic_write_json
 from medseg.workdir import Fold, WorkDir
 
 log = logging.getLogger(__name__)
@@ -63,8 +69,6 @@ def find_inputs(path: Path, num_channels: int, channel_names: list[str] | None =
     else:
         raise MedsegError(f"{path}: input not found")
     if not files or series:
-        from medseg.io.dicom import SeriesSelector, find_series, select_series
-
         found = find_series(path)
         if found:
             chosen = select_series(found, channel_names or ["image"] * num_channels, SeriesSelector.parse(series), path)
@@ -92,8 +96,6 @@ def find_inputs(path: Path, num_channels: int, channel_names: list[str] | None =
 def read_input(case: InputCase, num_channels: int):
     """All channels of an input case as float32 (C, X, Y, Z) + geometry, checked against the model."""
     if case.series is not None:
-        from medseg.io.dicom import read_series
-
         image, geometry = read_series(case.series)
     else:
         image, geometry = read_case_image(Case(case.case_id, case.files, None))
@@ -184,7 +186,7 @@ def predict_case(stage: Stage, image: np.ndarray, geometry, *, step: float = 0.5
     plain: list | None = [] if keep_unmirrored else None
     probs = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
                            qc_scores=scores, unmirrored=plain)
-    out = CasePrediction(export_probability_maps(probs, props, config), scores, bbox=props["bbox"])
+    out = CasePrediction(export_probability_maps(probs, props, config), scores, bbox=props.bbox)
     if plain:
         out.unmirrored = export_probability_maps(plain[0], props, config)
     if attention:
@@ -222,9 +224,11 @@ def _chosen_model(work: WorkDir, plans: Plans, config_name: str | None,
 
 @dataclass
 class LoadedModel:
-    """A work directory's model in memory: what :func:`predict_folder` runs (configurations, folds,
-    postprocessing). Load it once to predict many inputs (``medseg serve`` does)."""
+    """A work directory's model in memory: which configurations, folds and postprocessing
+    :func:`predict_folder` runs, on which device. Load it once to predict many inputs
+    (``medseg serve`` does)."""
 
+    workdir: Path
     plans: Plans
     members: list[str]
     chosen: ChosenModel | None
@@ -232,82 +236,113 @@ class LoadedModel:
     device: str
 
     @classmethod
-    def load(cls, workdir: Path, *, config_name: str | None = None, folds: list[int | str] | None = None,
+    def load(cls, workdir: Path, *, config_name: str | None = None, folds: list[Fold] | None = None,
              device: str = "cpu") -> LoadedModel:
+        """``config_name``/``folds``: as given, else ``model.json``'s, else the trained configuration
+        (3d_fullres first) with every finished fold (see :func:`default_folds`)."""
         work = WorkDir.of(workdir)
         plans = Plans.load(work.plans)
         members, member_folds, chosen = _chosen_model(work, plans, config_name, folds)
         stages = [load_stage(work, plans, m, member_folds[m], device) for m in members]
-        return cls(plans, members, chosen, stages, device)
+        return cls(work.root, plans, members, chosen, stages, device)
 
 
-def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: str | None = None,
-                   folds: list[int | str] | None = None, step: float = 0.5, tta: bool | None = None,
-                   save_probabilities: bool = False, save_attention: bool = False, save_uncertainty: bool = False,
-                   postprocess: bool = True, overwrite: bool = False, device: str = "cpu",
-                   progress: bool = False, series: str | None = None, output_format: str = "nifti",
-                   model: LoadedModel | None = None) -> list[Path]:
-    """Predict every image in ``inputs`` (file or folder) into ``output`` with the trained model in
-    ``workdir``. Cases whose output exists are skipped unless ``overwrite``. ``save_attention`` writes
-    each case's attention coefficients as ``<case>_attention`` (one volume per gate) beside it;
-    ``save_uncertainty`` the normalised predictive entropy as ``<case>_uncertainty``. Every run
-    writes ``predict_summary.json``/``.csv``: each case's QC score and whether it is flagged.
-    ``output_format`` ``dicom-seg`` (or ``both``) writes ``<case>.dcm``, a DICOM SEG referencing the
-    source series, for DICOM inputs (``series`` selects them, see :class:`medseg.io.dicom.SeriesSelector`).
-    ``model``: an already loaded :class:`LoadedModel` of ``workdir`` (then ``config_name``, ``folds``
-    and ``device`` are its own). ``tta`` (mirroring): ``None`` follows ``model.json``'s choice made on
-    cross-validation, else mirroring is on."""
-    from medseg.progress import track
+OutputFormat = Literal["nifti", "dicom-seg", "both"]
 
-    workdir = Path(workdir)
-    if model is None:
-        model = LoadedModel.load(workdir, config_name=config_name, folds=folds, device=device)
-    plans, members, chosen, stages, device = model.plans, model.members, model.chosen, model.stages, model.device
-    if save_attention:
+
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions:
+    """How :func:`predict_folder` predicts (which model is its own argument).
+
+    - ``step``: sliding-window step as a fraction of the patch.
+    - ``tta``: mirroring; ``None`` follows ``model.json``'s choice made on cross-validation, else on.
+    - ``save_probabilities``: also write ``<case>_probabilities`` (K, X, Y, Z) beside each output;
+      ``save_attention`` the attention gates' coefficients as ``<case>_attention`` (one volume per
+      gate); ``save_uncertainty`` the normalised predictive entropy as ``<case>_uncertainty``.
+    - ``postprocess``: apply ``model.json``'s postprocessing.
+    - ``overwrite``: predict cases whose output exists again (else they are skipped).
+    - ``series``: which DICOM series, see :class:`medseg.io.dicom.SeriesSelector`.
+    - ``output_format``: ``nifti``; ``dicom-seg`` (or ``both``) writes ``<case>.dcm``, a DICOM SEG
+      referencing the source series, for DICOM inputs.
+    - ``progress``: a progress bar on stderr.
+    """
+
+    step: float = 0.5
+    tta: bool | None = None
+    save_probabilities: bool = False
+    save_attention: bool = False
+    save_uncertainty: bool = False
+    postprocess: bool = True
+    overwrite: bool = False
+    series: str | None = None
+    output_format: OutputFormat = "nifti"
+    progress: bool = False
+
+
+def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, options: PredictOptions | None = None, *,
+                   config_name: str | None = None, folds: list[Fold] | None = None, device: str | None = None,
+                   **overrides: Any) -> list[Path]:
+    """Predict every image in ``inputs`` (file or folder, see :func:`find_inputs`) into ``output``.
+    Every run writes ``predict_summary.json``/``.csv``: each case's QC score and whether it is flagged.
+    Returns the main output of each case predicted (cases skipped as already done are not listed).
+
+    ``model``: a trained work directory, loaded here with ``config_name``, ``folds`` and ``device``
+    (see :meth:`LoadedModel.load`; device ``cpu`` by default), or a :class:`LoadedModel` already in
+    memory, which has its own (giving them too is an error). ``options``: how to predict;
+    ``overrides`` replace single fields of it (``predict_folder(src, dst, work, tta=False)``)."""
+    options = dataclasses.replace(options or PredictOptions(), **overrides)
+    if isinstance(model, LoadedModel):
+        given = [name for name, value in (("config_name", config_name), ("folds", folds), ("device", device))
+                 if value is not None]
+        if given:
+            raise MedsegError(f"predict_folder: {', '.join(given)} choose what to load from a work directory; the "
+                              "LoadedModel given has its own (pass them to LoadedModel.load)")
+    else:
+        model = LoadedModel.load(Path(model), config_name=config_name, folds=folds, device=device or "cpu")
+    plans, members, chosen = model.plans, model.members, model.chosen
+    if options.save_attention:
         ungated = [m for m in members if not plans.config(m).architecture.blocks.attention_gates]
         if ungated:
             gated = [k for k, c in plans.configurations.items() if c.architecture.blocks.attention_gates]
-            raise MedsegError(f"{workdir}: configuration {ungated[0]} has no attention gates to save"
+            raise MedsegError(f"{model.workdir}: configuration {ungated[0]} has no attention gates to save"
                               + (f"; choose one that has: {', '.join(gated)}" if gated else ""))
-    if output_format not in ("nifti", "dicom-seg", "both"):
-        raise MedsegError(f"--output-format {output_format!r}: expected nifti, dicom-seg or both")
-    cases = find_inputs(inputs, len(plans.channel_names), plans.channel_names, series)
-    seg_out, nifti_out = output_format in ("dicom-seg", "both"), output_format in ("nifti", "both")
+    if options.output_format not in get_args(OutputFormat):
+        raise MedsegError(f"--output-format {options.output_format!r}: expected nifti, dicom-seg or both")
+    cases = find_inputs(inputs, len(plans.channel_names), plans.channel_names, options.series)
+    seg_out, nifti_out = options.output_format in ("dicom-seg", "both"), options.output_format in ("nifti", "both")
     if seg_out and any(c.series is None for c in cases):
-        raise MedsegError(f"{inputs}: --output-format {output_format} needs DICOM input (a DICOM SEG references "
-                          "its source instances)")
+        raise MedsegError(f"{inputs}: --output-format {options.output_format} needs DICOM input (a DICOM SEG "
+                          "references its source instances)")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    if tta is None:
-        tta = chosen.inference.mirroring if chosen else True
-    pp = chosen.postprocessing.model_dump() if chosen and postprocess else None
+    tta = options.tta if options.tta is not None else (chosen.inference.mirroring if chosen else True)
+    pp = chosen.postprocessing.model_dump() if chosen and options.postprocess else None
     threshold = chosen.qc.threshold if chosen and chosen.qc else None
     written = []
+
     def main_output(c: InputCase) -> Path:
         return output / (f"{c.case_id}{c.suffix}" if nifti_out else f"{c.case_id}.dcm")
 
-    todo = [c for c in cases if overwrite or not main_output(c).exists()]
+    todo = [c for c in cases if options.overwrite or not main_output(c).exists()]
     if len(todo) < len(cases):
         log.info("skipping %d case(s) already predicted (use --overwrite to redo)", len(cases) - len(todo))
     rows = []
-    for case in track(todo, total=len(todo), description="predict", enabled=progress):
+    for case in track(todo, total=len(todo), description="predict", enabled=options.progress):
         image, geometry = read_input(case, len(plans.channel_names))
-        preds = [predict_case(s, image, geometry, step=step, tta=tta, device=device, attention=save_attention)
-                 for s in stages]
+        preds = [predict_case(s, image, geometry, step=options.step, tta=tta, device=model.device,
+                              attention=options.save_attention) for s in model.stages]
         pred = ensemble(preds)
         seg = apply_postprocessing(pred.segmentation, pp)
         out_path = output / f"{case.case_id}{case.suffix}"
-        if save_probabilities:
+        if options.save_probabilities:
             write_image(output / f"{case.case_id}_probabilities{case.suffix}", pred.probabilities, geometry, np.float32)
-        if save_uncertainty:
+        if options.save_uncertainty:
             write_image(output / f"{case.case_id}_uncertainty{case.suffix}", entropy_map(pred.probabilities),
                         geometry, np.float32)
-        if save_attention:
+        if options.save_attention:
             write_image(output / f"{case.case_id}_attention{case.suffix}", np.mean([p.attention for p in preds], 0),
                         geometry, np.float32)
         if seg_out:
-            from medseg.io.dicom_seg import write_dicom_seg
-
             write_dicom_seg(output / f"{case.case_id}.dcm", case.series, seg, plans.labels,
                             model_name=f"medseg {plans.dataset_name} {'+'.join(members)}")
         if nifti_out:
@@ -325,9 +360,7 @@ def predict_folder(inputs: Path, output: Path, workdir: Path, *, config_name: st
 
 def _write_summary(output: Path, rows: list[dict], members: list[str], threshold: float | None) -> None:
     """Merge this run's cases into ``predict_summary.json`` / ``.csv`` (earlier runs' cases are kept)."""
-    import pandas as pd
-
-    from medseg.utils import atomic_path
+    import pandas as pd  # PANDAS_COST
 
     path = output / "predict_summary.json"
     old = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
     x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
     two_d = len(patch) == 2
     x = x.permute(1, 0, 2, 3) if two_d else x[None]
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else _null()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else nullcontext()
 
     def volume(t: torch.Tensor) -> np.ndarray:  # (N, K, *S) batch → (K, *S) volume
         return (t.permute(1, 0, 2, 3) if two_d else t[0]).float().cpu().numpy()
@@ -103,11 +104,3 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
     if plain:
         unmirrored.append(volume(sum(plain) / len(plain)))
     return volume(total / len(models))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

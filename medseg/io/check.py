@@ -10,9 +10,8 @@ Arrays are checked raw, as stored (labels are not rounded first).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import nullcontext
+from collections.abc import Iterable
+from concurrent.futures import Executor
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from medseg.errors import DatasetError
 from medseg.io.dataset import Case, Dataset, read_label_file
 from medseg.io.image import Geometry, read_image
+from medseg.parallel import parallel_map
 
 logger = logging.getLogger(__name__)
 _MAX_LISTED = 10  # values listed in one problem line
@@ -31,31 +31,14 @@ def check_dataset(ds: Dataset, num_workers: int = 1, progress: bool = False,
     """Check every case of ``ds``; return the problem lines (empty when the dataset is clean).
 
     Cases run in ``num_workers`` processes when > 1 (in ``executor``'s when given); lines come in
-    case order either way. ``progress`` shows a transient rich progress bar on stderr.
+    case order either way. ``progress`` shows a rich progress bar on stderr.
     """
     check = partial(check_case, num_channels=ds.num_channels, labels=tuple(sorted(ds.labels)))
-    problems: list[str] = []
-    own_pool = executor is None and num_workers > 1 and len(ds.cases) > 1
-    with ProcessPoolExecutor(max_workers=min(num_workers, len(ds.cases))) if own_pool else nullcontext(executor) as pool:
-        for lines in _with_progress(pool.map(check, ds.cases) if pool is not None else map(check, ds.cases), len(ds.cases),
-                                    progress):
-            problems.extend(lines)
+    problems = [line for lines in parallel_map(check, ds.cases, num_workers=num_workers, description="checking cases",
+                                               progress=progress, executor=executor)
+                for line in lines]
     logger.debug("checked %d cases of %s: %d problem(s)", len(ds.cases), ds.root, len(problems))
     return problems
-
-
-def _with_progress(results: Iterable[list[str]], total: int, progress: bool) -> Iterator[list[str]]:
-    if not progress:
-        yield from results
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("checking cases", total=total)
-        for lines in results:
-            bar.advance(task)
-            yield lines
 
 
 def check_case(case: Case, num_channels: int, labels: Iterable[int]) -> list[str]:

@@ -19,7 +19,10 @@ from typing import Literal
 import numpy as np
 
 from medseg.errors import DatasetError
-from medseg.io.image import Geometry, image_suffix, read_image
+from medseg.io.dicom import folder_series, series_geometry
+from medseg.io.dicom_seg import read_dicom_seg, segment_labels
+from medseg.io.geometry import Geometry
+from medseg.io.image import image_suffix, read_image
 
 Layout = Literal["msd", "nnunetv2", "plain"]
 LABEL_SUFFIXES = (".nii.gz", ".nrrd", ".mha", ".nii", ".dcm")
@@ -47,10 +50,6 @@ class Dataset:
     @property
     def num_channels(self) -> int:
         return len(self.channel_names)
-
-    @property
-    def foreground_labels(self) -> list[int]:
-        return sorted(k for k in self.labels if k != 0)
 
     def case(self, case_id: str) -> Case:
         for c in self.cases:
@@ -185,8 +184,6 @@ def _load_plain(root: Path) -> Dataset:
     for case in cases:
         if case.label is not None and case.label.exists():
             if is_dicom_seg(case.label):  # segment numbers and names from the SEG's headers
-                from medseg.io.dicom_seg import segment_labels
-
                 segments = segment_labels(case.label)
                 values.update(segments)
                 names.update({k: v for k, v in segments.items() if k not in names})
@@ -206,8 +203,6 @@ def _load_plain(root: Path) -> Dataset:
 
 
 def _series_modality(folder: Path) -> str:
-    from medseg.io.dicom import folder_series
-
     return folder_series(folder).modality or "channel"
 
 
@@ -222,9 +217,6 @@ def read_label_file(path: Path, images: Sequence[Path]) -> tuple[np.ndarray, Geo
     path = Path(path)
     if not is_dicom_seg(path):
         return read_image(path)
-    from medseg.io.dicom import folder_series, series_geometry
-    from medseg.io.dicom_seg import read_dicom_seg
-
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
     if not images or not Path(images[0]).is_dir():

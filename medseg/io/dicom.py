@@ -5,8 +5,8 @@
   presentation states …) are listed as non-image and never segmented.
 - **Checks** (:func:`check_series`), each a one-line :class:`DatasetError` naming the series:
   mixed orientations or sizes, duplicate or missing slices (inconsistent spacing), gantry tilt
-  (slices not stacked along their normal), and compressed transfer syntaxes no installed decoder
-  reads.
+  (slices not stacked along their normal), and transfer syntaxes GDCM cannot decode (the ones it
+  can: :data:`medseg.io.transfer_syntaxes.DECODABLE_TRANSFER_SYNTAXES`).
 - **Reading** (:func:`read_series`): slices ordered by their position along the slice normal
   (never by InstanceNumber or file name); spacing between slices from the positions (never
   SliceThickness); orientation from ImageOrientationPatient; RescaleSlope/Intercept applied.
@@ -24,19 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
 
 from medseg.errors import DatasetError, MedsegError
-from medseg.io.image import Geometry
+from medseg.io.geometry import LPS_TO_RAS, Geometry
+from medseg.io.transfer_syntaxes import DECODABLE_TRANSFER_SYNTAXES
 
 SPACING_TOLERANCE = 0.1  # relative deviation of one slice gap from the median gap
 TILT_TOLERANCE = 1e-3  # |sin| of the angle between the stacking direction and the slice normal
-# transfer syntaxes GDCM (SimpleITK) decodes; others need a pydicom pixel-data plugin
-GDCM_TRANSFER_SYNTAXES = {
-    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
-    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.5",
-}
 MODALITY_OF_CHANNEL = {"ct": "CT", "mr": "MR", "mri": "MR", "t1": "MR", "t1c": "MR", "t1w": "MR", "t2": "MR",
                        "t2w": "MR", "flair": "MR", "adc": "MR", "dwi": "MR", "pet": "PT", "pt": "PT"}
 
@@ -79,9 +76,6 @@ class Series:
 
 def find_series(root: Path) -> list[Series]:
     """All DICOM series under ``root`` (a folder tree or one file), sorted by study, number, UID."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     root = Path(root)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     found: dict[str, Series] = {}
@@ -116,8 +110,6 @@ def find_series(root: Path) -> list[Series]:
 
 def check_series(series: Series) -> tuple[list[Slice], list[float]]:
     """Checked slices in spatial order and the spacing (column, row, slice) in mm; raises on any problem."""
-    import pydicom
-
     where = f"{series.folder}: {series.label()}"
     if not series.slices:
         raise DatasetError(f"{where}: no image slices (only non-image objects)")
@@ -127,7 +119,7 @@ def check_series(series: Series) -> tuple[list[Slice], list[float]]:
     sizes = {(s.rows, s.columns) for s in series.slices}
     if len(sizes) > 1:
         raise DatasetError(f"{where}: mixed slice sizes {sorted(sizes)}")
-    bad = sorted({s.transfer_syntax for s in series.slices} - GDCM_TRANSFER_SYNTAXES)
+    bad = sorted({s.transfer_syntax for s in series.slices} - set(DECODABLE_TRANSFER_SYNTAXES))
     if bad:
         name = pydicom.uid.UID(bad[0]).name
         raise DatasetError(f"{where}: unsupported transfer syntax {bad[0]} ({name}); convert it to an "
@@ -162,8 +154,6 @@ def check_series(series: Series) -> tuple[list[Slice], list[float]]:
 def read_series(series: Series) -> tuple[np.ndarray, Geometry]:
     """The checked series as float32 ``(1, X, Y, Z)`` (X along the rows' direction, Z along the slice
     normal, in stored order of increasing position) and its RAS geometry; rescale applied."""
-    import SimpleITK as sitk
-
     ordered, spacing = check_series(series)
     geometry = _geometry(ordered, spacing)
     reader = sitk.ImageSeriesReader()
@@ -187,15 +177,13 @@ def series_geometry(series: Series) -> Geometry:
 
 
 def _geometry(ordered: Sequence[Slice], spacing: Sequence[float]) -> Geometry:
-    from medseg.io.image import _LPS_TO_RAS
-
     row, col = ordered[0].orientation[:3], ordered[0].orientation[3:]
     normal = np.cross(row, col)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * spacing[0], col * spacing[1], normal * spacing[2]
     lps[:3, 3] = ordered[0].position
     shape = (ordered[0].columns, ordered[0].rows, len(ordered))
-    return Geometry(shape, tuple(float(s) for s in spacing), _LPS_TO_RAS @ lps)
+    return Geometry(shape, tuple(float(s) for s in spacing), LPS_TO_RAS @ lps)
 
 
 def folder_series(folder: Path) -> Series:

@@ -2,14 +2,14 @@
 
 Array convention everywhere in medseg: spatial axes in the file's voxel index order (i, j, k),
 as nibabel returns them; images are channel-first ``(C, X, Y, Z)``, label maps ``(X, Y, Z)``.
-World coordinates follow NIfTI (RAS+); SimpleITK files (LPS+) are converted on read and write.
+World coordinates follow NIfTI (RAS+); SimpleITK files (LPS+) are converted on read and write
+(:class:`~medseg.io.geometry.Geometry`, :data:`~medseg.io.geometry.LPS_TO_RAS`).
 """
 
 from __future__ import annotations
 
 import gzip
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -17,12 +17,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import DatasetError
+from medseg.io.dicom import read_series_folder
+from medseg.io.geometry import LPS_TO_RAS, Geometry
 from medseg.utils import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def image_suffix(path: str | Path) -> str:
@@ -32,46 +33,6 @@ def image_suffix(path: str | Path) -> str:
         if name.endswith(suffix):
             return suffix
     return ""
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where the voxels of an array lie in the world.
-
-    ``shape`` is the spatial shape ``(X, Y, Z)``, ``spacing`` the voxel size in mm per array axis,
-    ``affine`` the 4x4 voxel-index → RAS+ world matrix. ``header`` keeps the source NIfTI header so
-    that outputs written next to a NIfTI input carry the same header (qform/sform codes included).
-    """
-
-    shape: tuple[int, ...]
-    spacing: tuple[float, ...]
-    affine: np.ndarray
-    header: nib.Nifti1Header | None = field(default=None, compare=False, repr=False)
-
-    def to_dict(self) -> dict:
-        return {
-            "shape": list(self.shape),
-            "spacing": [float(s) for s in self.spacing],
-            "affine": np.asarray(self.affine, dtype=float).tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Geometry:
-        return cls(tuple(d["shape"]), tuple(d["spacing"]), np.asarray(d["affine"], dtype=float))
-
-    def matches(self, other: Geometry, tol: float = 1e-3) -> str | None:
-        """None when both describe the same voxel grid (within ``tol``), else what differs."""
-        if tuple(self.shape) != tuple(other.shape):
-            return f"shape {tuple(other.shape)} != {tuple(self.shape)}"
-        if not np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol):
-            return f"spacing {_fmt(other.spacing)} != {_fmt(self.spacing)}"
-        if not np.allclose(self.affine, other.affine, rtol=tol, atol=max(tol, 1e-2)):
-            return "origin/direction differ"
-        return None
-
-
-def _fmt(values) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
@@ -84,8 +45,6 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     suffix = image_suffix(path)
     if path.is_dir() and not suffix:  # a dataset case as a folder holding one DICOM series
-        from medseg.io.dicom import read_series_folder
-
         return read_series_folder(path)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
@@ -148,7 +107,7 @@ def from_sitk(img: sitk.Image, path: Path | str) -> tuple[np.ndarray, Geometry]:
     lps = np.eye(4)
     lps[:3, :3] = direction @ np.diag(spacing)
     lps[:3, 3] = origin
-    geometry = Geometry(tuple(int(s) for s in arr.shape[1:]), tuple(float(s) for s in spacing), _LPS_TO_RAS @ lps)
+    geometry = Geometry(tuple(int(s) for s in arr.shape[1:]), tuple(float(s) for s in spacing), LPS_TO_RAS @ lps)
     return np.ascontiguousarray(arr), geometry
 
 
@@ -188,7 +147,7 @@ def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     arr = np.moveaxis(array, 0, -1) if vector else array  # (X, Y, Z[, C])
     arr = np.ascontiguousarray(np.moveaxis(arr, [0, 1, 2], [2, 1, 0]))  # (Z, Y, X[, C])
     img = sitk.GetImageFromArray(arr, isVector=vector)
-    lps = np.linalg.inv(_LPS_TO_RAS) @ np.asarray(geometry.affine, dtype=float)
+    lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(geometry.affine, dtype=float)
     spacing = np.asarray(geometry.spacing, dtype=float)
     img.SetSpacing(tuple(spacing.tolist()))
     img.SetOrigin(tuple(lps[:3, 3].tolist()))

@@ -20,6 +20,7 @@ import torch
 
 from medseg.networks.unet import build_network, estimate_costs
 from medseg.plans.schema import Architecture, Configuration
+from medseg.training.losses import DeepSupervisionLoss
 
 
 def estimate_training_bytes(arch: Architecture, patch: Sequence[int], batch: int, in_channels: int,
@@ -31,7 +32,7 @@ def estimate_training_bytes(arch: Architecture, patch: Sequence[int], batch: int
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak of live CPU tensor bytes allocated while ``fn`` runs, above what was live before it."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile  # deferred: PROFILER_IMPORT, only for measurements
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -53,8 +54,6 @@ def synthetic_training_step(arch: Architecture, patch: Sequence[int], batch: int
     ``torch_optimizer=False`` updates the weights with :class:`ForeachNesterovSGD` (the same kernels,
     no ``torch.optim``): what the planner times, so that a planning run does not pay the import of
     ``torch._dynamo`` that constructing a ``torch.optim`` optimiser triggers (1.2–1.5 s on 2 cores)."""
-    from medseg.training.losses import DeepSupervisionLoss
-
     net = build_network(arch, in_channels, num_classes).to(device)
     if torch_optimizer:
         opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)

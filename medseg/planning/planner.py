@@ -16,12 +16,14 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medseg import __version__
 from medseg.errors import PlanError
@@ -77,8 +79,6 @@ def resolve_variants(names: Sequence[str]) -> list[str]:
 def default_memory_gb(device: str) -> float:
     """The GPU's memory on CUDA; on a CPU a quarter of RAM, at most 8 GB."""
     if device.startswith("cuda"):
-        import torch
-
         return torch.cuda.get_device_properties(0).total_memory / 1e9
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
@@ -91,8 +91,8 @@ def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, i
                          num_classes: int, device: str = "cpu", steps: int = 1) -> float:
     """Seconds per real training step (forward, deep-supervision loss, backward, SGD) on random data,
     after one warm-up step (which pays the kernel and allocator set-up); the fastest of ``steps``."""
-    import torch
-
+    # deferred: the training loss (MONAI's losses) costs LOSSES_IMPORT, paid only when a step is timed,
+    # never by a plan whose step times are all remembered (docs/architecture.md, start-up time)
     from medseg.planning.memory import synthetic_training_step
 
     _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device, torch_optimizer=False)
@@ -115,10 +115,6 @@ def default_timing_cache() -> Path:
 
 @functools.cache
 def _machine_key(device: str) -> tuple:
-    import platform
-
-    import torch
-
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medseg.errors import PlanError
-from medseg.utils import atomic_write_text, load_json_model
+from medseg.utils import atomic_write_text, load_json_model, look_up
 
 SCHEMA_VERSION = 1
 ConfigName = Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
@@ -161,8 +161,6 @@ class Plans(_Model):
     medseg_version: str
 
     def config(self, name: str) -> Configuration:
-        from medseg.utils import look_up
-
         return self.configurations[look_up(name, self.configurations, "configuration")]
 
     @property

@@ -1,20 +1,23 @@
 """Preprocessing: crop to nonzero → transpose (out-of-plane axis first) → normalise → resample.
 
 Each case becomes ``<case>.npy`` (float32 (C, *spatial)), ``<case>_seg.npy`` (int8 (1, *spatial))
-and ``<case>.json`` (the properties that invert every step, plus foreground locations for
-sampling). The json is written last, so its presence marks a finished case (resumable).
+and ``<case>.json`` (its :class:`CaseProperties`: what inverts every step, plus foreground
+locations for sampling). The json is written last, so its presence marks a finished case (resumable).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medseg.errors import DatasetError
 from medseg.io.dataset import Case, Dataset, read_case_image, read_case_label
-from medseg.io.image import Geometry
+from medseg.io.geometry import Geometry
+from medseg.parallel import parallel_map
 from medseg.plans.schema import Configuration, Plans
 from medseg.plans.topology import is_anisotropic
 from medseg.preprocessing.cropping import bbox_of, crop, nonzero_mask
@@ -31,8 +34,65 @@ from medseg.workdir import WorkDir
 LOCATIONS_PER_CLASS = 10_000
 
 
-def preprocess_image(image: np.ndarray, geometry: Geometry, config: Configuration) -> tuple[np.ndarray, dict]:
-    """(C, X, Y, Z) raw image → (preprocessed (C, *spatial_t), properties to invert it)."""
+@dataclass(frozen=True)
+class CaseProperties:
+    """What preprocessing did to one case, enough to invert it; ``<case>.json`` holds it
+    (:meth:`to_dict`, same keys as the fields; lists as in the file).
+
+    ``geometry``: the input's grid (X, Y, Z). ``bbox``: the crop to nonzero, ``[[start, stop), …]``
+    per input axis. ``shape_cropped_transposed``, ``spacing_transposed``: the crop's shape and
+    spacing (mm) after the plan's ``transpose_forward``. ``shape_preprocessed``: the resampled grid
+    ``*spatial_t`` the network sees. Training cases also carry ``case_id`` and ``class_locations``:
+    per foreground label (the label value as a string, as in JSON) up to
+    :data:`LOCATIONS_PER_CLASS` sampled voxels ``[d0, d1, d2]`` of the preprocessed grid.
+    """
+
+    geometry: Geometry
+    bbox: list[list[int]]
+    shape_cropped_transposed: list[int]
+    spacing_transposed: list[float]
+    shape_preprocessed: list[int]
+    case_id: str | None = None
+    class_locations: dict[str, list[list[int]]] | None = None
+
+    def to_dict(self) -> dict:
+        """The ``<case>.json`` content (``case_id``/``class_locations`` only when set)."""
+        out = {"geometry": self.geometry.to_dict(), "bbox": self.bbox,
+               "shape_cropped_transposed": self.shape_cropped_transposed,
+               "spacing_transposed": self.spacing_transposed, "shape_preprocessed": self.shape_preprocessed}
+        if self.case_id is not None:
+            out["case_id"] = self.case_id
+        if self.class_locations is not None:
+            out["class_locations"] = self.class_locations
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CaseProperties:
+        return cls(Geometry.from_dict(d["geometry"]), d["bbox"], d["shape_cropped_transposed"],
+                   d["spacing_transposed"], d["shape_preprocessed"], d.get("case_id"), d.get("class_locations"))
+
+    def save(self, path: Path) -> None:
+        """Write ``path`` atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> CaseProperties:
+        """Read a ``<case>.json``; any problem is one :class:`DatasetError` line naming the file."""
+        raw = _read_json(path, "case properties")
+        try:
+            return cls.from_dict(raw)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: not a medseg case properties file ({type(e).__name__}: {e}); "
+                               "re-run preprocessing") from e
+
+    def anisotropic(self, config: Configuration) -> bool:
+        """Whether resampling between this case's grid and ``config``'s treats axis 0 separately."""
+        return is_anisotropic(self.spacing_transposed) or is_anisotropic(config.spacing)
+
+
+def preprocess_image(image: np.ndarray, geometry: Geometry,
+                     config: Configuration) -> tuple[np.ndarray, CaseProperties]:
+    """(C, X, Y, Z) raw image → (preprocessed (C, *spatial_t), the properties that invert it)."""
     mask = nonzero_mask(image)
     bbox = bbox_of(mask)
     data, mask = crop(image, bbox), crop(mask, bbox)
@@ -44,15 +104,13 @@ def preprocess_image(image: np.ndarray, geometry: Geometry, config: Configuratio
     target = config.spacing
     new_shape = new_shape_for(data.shape[1:], spacing, target)
     data = resample_image(data, spacing, target, new_shape)
-    props = {"geometry": geometry.to_dict(), "bbox": bbox, "shape_cropped_transposed": list(mask.shape),
-             "spacing_transposed": spacing, "shape_preprocessed": new_shape}
-    return data, props
+    return data, CaseProperties(geometry, bbox, list(mask.shape), spacing, new_shape)
 
 
-def preprocess_label(label: np.ndarray, props: dict, config: Configuration, labels: list[int]) -> np.ndarray:
-    seg = crop(label, props["bbox"]).transpose(config.transpose_forward)
-    aniso = is_anisotropic(props["spacing_transposed"]) or is_anisotropic(config.spacing)
-    return resample_labels(seg, props["shape_preprocessed"], labels, aniso)
+def preprocess_label(label: np.ndarray, props: CaseProperties, config: Configuration, labels: list[int]) -> np.ndarray:
+    """A label map (X, Y, Z) in the input grid → (*spatial_t) in the preprocessed grid of ``props``."""
+    seg = crop(label, props.bbox).transpose(config.transpose_forward)
+    return resample_labels(seg, props.shape_preprocessed, labels, props.anisotropic(config))
 
 
 def one_hot(seg: np.ndarray, num_classes: int) -> np.ndarray:
@@ -60,34 +118,33 @@ def one_hot(seg: np.ndarray, num_classes: int) -> np.ndarray:
     return np.stack([(seg == k) for k in range(1, num_classes)]).astype(np.float32)
 
 
-def prior_channels(prior: np.ndarray, props: dict, config: Configuration, num_classes: int) -> np.ndarray:
+def prior_channels(prior: np.ndarray, props: CaseProperties, config: Configuration,
+                   num_classes: int) -> np.ndarray:
     """A previous stage's label map in the input grid (X, Y, Z) → one-hot (K-1, *spatial_t) in this
     configuration's preprocessed grid (the input a cascade stage gets beside the image)."""
     return one_hot(preprocess_label(prior, props, config, list(range(num_classes))), num_classes)
 
 
-def export_probabilities(probs: np.ndarray, props: dict, config: Configuration) -> np.ndarray:
+def export_probabilities(probs: np.ndarray, props: CaseProperties, config: Configuration) -> np.ndarray:
     """Invert preprocessing for softmax probabilities (K, *spatial_t) → label map (X, Y, Z) in the
     original voxel grid (background outside the crop)."""
-    aniso = is_anisotropic(props["spacing_transposed"]) or is_anisotropic(config.spacing)
-    probs = resample_probabilities(probs, props["shape_cropped_transposed"], aniso)
+    probs = resample_probabilities(probs, props.shape_cropped_transposed, props.anisotropic(config))
     seg = np.argmax(probs, axis=0).astype(np.uint8).transpose(config.transpose_backward)
-    out = np.zeros(props["geometry"]["shape"], dtype=np.uint8)
-    out[tuple(slice(a, b) for a, b in props["bbox"])] = seg
+    out = np.zeros(props.geometry.shape, dtype=np.uint8)
+    out[tuple(slice(a, b) for a, b in props.bbox)] = seg
     return out
 
 
-def export_probability_maps(probs: np.ndarray, props: dict, config: Configuration,
+def export_probability_maps(probs: np.ndarray, props: CaseProperties, config: Configuration,
                             background_first: bool = True) -> np.ndarray:
     """Like :func:`export_probabilities` but keeps the (K, X, Y, Z) maps: channel 0 is 1 outside the
     crop when ``background_first`` (probabilities), every channel 0 otherwise (e.g. attention maps)."""
-    aniso = is_anisotropic(props["spacing_transposed"]) or is_anisotropic(config.spacing)
-    probs = resample_probabilities(probs, props["shape_cropped_transposed"], aniso)
+    probs = resample_probabilities(probs, props.shape_cropped_transposed, props.anisotropic(config))
     probs = probs.transpose([0] + [t + 1 for t in config.transpose_backward])
-    out = np.zeros((probs.shape[0], *props["geometry"]["shape"]), dtype=np.float32)
+    out = np.zeros((probs.shape[0], *props.geometry.shape), dtype=np.float32)
     if background_first:
         out[0] = 1.0
-    out[(slice(None), *(slice(a, b) for a, b in props["bbox"]))] = probs
+    out[(slice(None), *(slice(a, b) for a, b in props.bbox))] = probs
     return out
 
 
@@ -109,11 +166,11 @@ def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int]) -> 
     label, _ = read_case_label(case)
     data, props = preprocess_image(image, geometry, config)
     seg = preprocess_label(label, props, config, labels)
-    props["case_id"] = case.case_id
-    props["class_locations"] = class_locations(seg, labels, np.random.default_rng(seed))
+    props = dataclasses.replace(props, case_id=case.case_id,
+                                class_locations=class_locations(seg, labels, np.random.default_rng(seed)))
     atomic_save_npy(out_dir / f"{case.case_id}.npy", data.astype(np.float32))
     atomic_save_npy(out_dir / f"{case.case_id}_seg.npy", seg[None].astype(np.int8))
-    atomic_write_json(out_dir / f"{case.case_id}.json", props)
+    props.save(out_dir / f"{case.case_id}.json")
     return case.case_id
 
 
@@ -121,8 +178,6 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
                        num_workers: int = 1, progress: bool = False) -> dict[str, int]:
     """Preprocess every case for each configuration; cases already done are skipped.
     Returns the number of cases processed per configuration."""
-    from medseg.progress import track
-
     done: dict[str, int] = {}
     by_data: dict[str, Configuration] = {}
     for key in configs or list(plans.configurations):  # variants of one configuration share its data
@@ -133,16 +188,29 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
         out_dir.mkdir(parents=True, exist_ok=True)
         todo = [c for c in ds.cases if not (out_dir / f"{c.case_id}.json").exists()]
         jobs = [(c, config, sorted(plans.labels), out_dir, plans.seed + ds.cases.index(c)) for c in todo]
-        if num_workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(num_workers) as pool:
-                list(track(pool.map(_preprocess_case, jobs), total=len(jobs), description=f"preprocess {name}",
-                           enabled=progress))
-        else:
-            list(track(map(_preprocess_case, jobs), total=len(jobs), description=f"preprocess {name}",
-                       enabled=progress))
+        parallel_map(_preprocess_case, jobs, num_workers=num_workers, description=f"preprocess {name}",
+                     progress=progress)
         done[name] = len(jobs)
     return done
 
 
-def load_properties(folder: Path, case_id: str) -> dict:
-    return json.loads((Path(folder) / f"{case_id}.json").read_text())
+def load_properties(folder: Path, case_id: str) -> CaseProperties:
+    """The :class:`CaseProperties` of ``case_id`` in a preprocessed folder."""
+    return CaseProperties.load(Path(folder) / f"{case_id}.json")
+
+
+def load_class_locations(folder: Path, case_id: str) -> dict[str, np.ndarray]:
+    """The sampled voxels of each foreground class of ``case_id``, int64 (N, 3) per label (as a string).
+    Only the ``class_locations`` key is read, so a file with nothing else works too; nnU-Net's
+    ``[c, d0, d1, d2]`` coordinates are accepted (the last three used)."""
+    path = Path(folder) / f"{case_id}.json"
+    raw = _read_json(path, "class locations").get("class_locations", {})
+    return {str(k): np.asarray(v, dtype=np.int64).reshape(len(v), -1)[:, -3:] if len(v) else np.zeros((0, 3), np.int64)
+            for k, v in raw.items()}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read {what} ({e}); re-run preprocessing") from e

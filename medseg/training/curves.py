@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from medseg.utils import atomic_write_bytes
+from medseg.plotting import new_figure, save_figure
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``history``: the log's records (epoch, train_loss, val_loss, pseudo_dice, pseudo_dice_ema, lr)."""
     ep = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    fig = new_figure(figsize=(8, 7))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.plot(ep, [h["train_loss"] for h in history], label="train loss")
     ax1.plot(ep, [h["val_loss"] for h in history], label="val loss")
     ax1.set_ylabel("loss")
@@ -31,7 +27,4 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax2.set_ylabel("learning rate")
     ax2.set_xlabel("epoch")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=90)
