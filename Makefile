@@ -23,6 +23,8 @@ test: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check medseg tests benchmarks
+	# the one-way layers of docs/architecture.md (contract in pyproject.toml)
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -3,14 +3,14 @@ per-class voxel counts and volumes. Written as ``fingerprint.json``."""
 
 from __future__ import annotations
 
-from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from medseg.io.dataset import Case, Dataset, read_case_image, read_case_label
+from medseg.parallel import parallel_map
 from medseg.preprocessing.cropping import bbox_of, crop, nonzero_mask
 from medseg.utils import atomic_write_text
 
@@ -96,13 +96,9 @@ def compute_fingerprint(ds: Dataset, num_workers: int = 1, progress: bool = Fals
                         executor: Executor | None = None) -> Fingerprint:
     """Fingerprint every case (parallel over cases in ``num_workers`` processes, or in ``executor``;
     deterministic given ``seed``)."""
-    from medseg.progress import track
-
     jobs = [(c, sorted(ds.labels), seed + i) for i, c in enumerate(ds.cases)]
-    own_pool = executor is None and num_workers > 1
-    with ProcessPoolExecutor(num_workers) if own_pool else nullcontext(executor) as pool:
-        results = list(track(pool.map(_fingerprint_case, jobs) if pool is not None else map(_fingerprint_case, jobs),
-                             total=len(jobs), description="fingerprint", enabled=progress))
+    results = parallel_map(_fingerprint_case, jobs, num_workers=num_workers, description="fingerprint",
+                           progress=progress, executor=executor)
     channels = []
     for c, name in enumerate(ds.channel_names):
         v = np.concatenate([r[1][c] for r in results])

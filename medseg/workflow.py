@@ -6,14 +6,16 @@ import importlib
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
+from types import ModuleType
 
 from medseg.errors import DatasetError
 from medseg.fingerprint import Fingerprint, compute_fingerprint
 from medseg.io.check import check_dataset
-from medseg.io.dataset import load_dataset
+from medseg.io.dataset import Dataset, load_dataset
+from medseg.parallel import process_pool
 from medseg.plans.schema import Plans
 from medseg.preprocessing.pipeline import preprocess_dataset
 from medseg.utils import atomic_write_json, resolve_device
@@ -40,53 +42,67 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
     :func:`~medseg.planning.planner.default_timing_cache`); ``remeasure`` measures them again."""
     num_workers = num_workers or default_workers()
     timing: dict[str, float] = {}
-    t = time.perf_counter()
     ds = load_dataset(dataset)
     for note in ds.notes:
         log.info("note: %s", note)
     work = WorkDir(workdir)
+    # one pool for every step, forked before the planner's thread imports torch (medseg.parallel's
+    # start-method rule), so that check, fingerprint and preprocessing all run in forked workers
+    with process_pool(num_workers) if num_workers > 1 and len(ds.cases) > 1 else nullcontext() as pool:
+        fp, planner = _check_and_fingerprint(ds, work, num_workers, progress, pool, timing)
+        planner.resolve_variants(variants or ["plain"])  # unknown variant names fail before anything is written
+        device = resolve_device(device)
+        work.root.mkdir(parents=True, exist_ok=True)
+        fp.save(work.fingerprint)
+        work.write_source(dataset)
+        t = time.perf_counter()
+        plans = _plans(planner, fp, work, device=device, memory_gb=memory_gb, configs=configs,
+                       time_budget_min=time_budget_min, throughput=throughput, variants=variants,
+                       timer=planner.StepTimer(timing_cache or planner.default_timing_cache(), refresh=remeasure))
+        timing["plan_s"], t = time.perf_counter() - t, time.perf_counter()
+        if preprocess:
+            preprocess_dataset(ds, plans, work.root, num_workers=num_workers, progress=progress, executor=pool)
+            timing["preprocess_s"] = time.perf_counter() - t
+    atomic_write_json(work.plan_timing, timing)
+    log.info("timing: %s", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()))
+    return plans
+
+
+def _check_and_fingerprint(ds: Dataset, work: WorkDir, num_workers: int, progress: bool, pool: Executor | None,
+                           timing: dict[str, float]) -> tuple[Fingerprint, ModuleType]:
+    """Check the cases (a DatasetError listing every problem), fingerprint them unless
+    ``fingerprint.json`` has the same cases, and return it with the planner module, imported on a
+    thread meanwhile (torch and MONAI, ~3 s on 2 cores)."""
+    t = time.perf_counter()
     fp = Fingerprint.load(work.fingerprint) if work.fingerprint.exists() else None
     if fp is not None and sorted(c.case_id for c in fp.cases) != sorted(c.case_id for c in ds.cases):
         fp = None
-    with ProcessPoolExecutor(num_workers) if num_workers > 1 and len(ds.cases) > 1 else nullcontext() as pool:
-        if pool is not None:
-            pool.submit(int).result()  # the workers exist (are forked) before the importing thread starts
-        # torch and MONAI load while the workers read the cases; leaving the `with` waits for the
-        # import on every path, so no caller going on forks a process while it runs
-        with ThreadPoolExecutor(1) as thread:
-            importing = thread.submit(importlib.import_module, PLANNER)
-            problems = check_dataset(ds, num_workers=num_workers, progress=progress, executor=pool)
-            if problems:
-                raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
-            timing["check_s"], t = time.perf_counter() - t, time.perf_counter()
-            if fp is None:
-                fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress, executor=pool)
-            timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
-            planner = importing.result()
-            timing["import_wait_s"], t = time.perf_counter() - t, time.perf_counter()
-    planner.resolve_variants(variants or ["plain"])  # refuse unbuildable variants before anything is written
-    device = resolve_device(device)
-    work.root.mkdir(parents=True, exist_ok=True)
-    fp.save(work.fingerprint)
-    work.write_source(dataset)
+    # leaving the `with` waits for the import on every path, so no caller going on forks a process while it runs
+    with ThreadPoolExecutor(1) as thread:
+        importing = thread.submit(importlib.import_module, PLANNER)
+        problems = check_dataset(ds, num_workers=num_workers, progress=progress, executor=pool)
+        if problems:
+            raise DatasetError(f"{len(problems)} problem(s) found by `medseg check`:\n" + "\n".join(problems))
+        timing["check_s"], t = time.perf_counter() - t, time.perf_counter()
+        if fp is None:
+            fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress, executor=pool)
+        timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
+        planner = importing.result()
+        timing["import_wait_s"] = time.perf_counter() - t
+    return fp, planner
+
+
+def _plans(planner: ModuleType, fp: Fingerprint, work: WorkDir, *, timer, configs: list[str] | None,
+           variants: list[str] | None, **options) -> Plans:
+    """The work directory's plans: kept when ``plans.json`` exists (delete it to re-plan), else planned."""
     if work.plans.exists():
-        plans = Plans.load(work.plans)
         log.info("%s exists; keeping it (delete it to re-plan)", work.plans)
-    else:
-        timer = planner.StepTimer(timing_cache or planner.default_timing_cache(), refresh=remeasure)
-        plans = planner.plan_dataset(fp, device=device, memory_gb=memory_gb,
-                                     configs=configs or list(planner.DEFAULT_CONFIGS), time_budget_min=time_budget_min,
-                                     throughput=throughput, variants=variants or ["plain"], timer=timer)
-        plans.save(work.plans)
-        if timer.measured or timer.reused:
-            log.info("planner step times: %d measured, %d remembered from %s", timer.measured, timer.reused,
-                     timer.cache)
-    timing["plan_s"], t = time.perf_counter() - t, time.perf_counter()
-    if preprocess:
-        preprocess_dataset(ds, plans, work.root, num_workers=num_workers, progress=progress)
-        timing["preprocess_s"] = time.perf_counter() - t
-    atomic_write_json(work.plan_timing, timing)
-    log.info("timing: %s", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in timing.items()))
+        return Plans.load(work.plans)
+    plans = planner.plan_dataset(fp, configs=configs or list(planner.DEFAULT_CONFIGS), variants=variants or ["plain"],
+                                 timer=timer, **options)
+    plans.save(work.plans)
+    if timer.measured or timer.reused:
+        log.info("planner step times: %d measured, %d remembered from %s", timer.measured, timer.reused, timer.cache)
     return plans
 
 

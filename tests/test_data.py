@@ -4,9 +4,13 @@ foreground oversampling, exact crops without augmentation, and clean worker shut
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import multiprocessing
+import os
+import pickle
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +108,7 @@ def test_iterate_with_workers_matches_in_process_and_leaves_no_children(cases: P
     assert len(parallel) == 5
     for s, p in zip(serial, parallel, strict=True):
         assert_same(s, p)
+    src.close()  # the workers live until the source is closed (they serve every epoch)
     assert multiprocessing.active_children() == []
 
 
@@ -113,6 +118,83 @@ def test_iterate_stopped_early_terminates_workers(cases: Path) -> None:
     assert_same(next(it), src.batch(0, 0))
     it.close()
     assert multiprocessing.active_children() == []
+
+
+def _children() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_workers_serve_every_epoch_until_closed(cases: Path) -> None:
+    before = _children()
+    src = BatchSource(cases, IDS, (16, 20, 12), 2, seed=5, params=ALL_ON)
+    with src:
+        for epoch in (0, 1, 2):
+            parallel = list(src.iterate(epoch, 4, num_workers=2))
+            workers = _children() - before
+            if epoch == 0:
+                first_workers = workers
+            assert len(workers) == 2 and workers == first_workers, "the same two processes in every epoch"
+            for i, p in enumerate(parallel):
+                assert_same(src.batch(epoch, i), p)
+    assert _children() == before, "leaving the `with` block stops the workers"
+    assert len(list(src.iterate(0, 2, num_workers=1))) == 2  # a closed source starts new workers on demand
+    src.close()
+    src.close()  # closing twice is harmless
+    assert _children() == before
+
+
+def test_spawned_workers_give_the_same_batches(cases: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import medseg.training.data as data
+
+    monkeypatch.setattr(data, "mp_context", lambda: multiprocessing.get_context("spawn"))
+    with BatchSource(cases, IDS, (16, 20, 12), 2, seed=3, params=ALL_ON) as src:
+        for s, p in zip(src.iterate(1, 3, num_workers=0), src.iterate(1, 3, num_workers=2), strict=True):
+            assert_same(s, p)
+    assert multiprocessing.active_children() == []
+
+
+def test_source_pickles_without_its_workers_and_caches(cases: Path) -> None:
+    before = _children()
+    with BatchSource(cases, IDS, (16, 20, 12), 2, seed=3) as src:
+        src.start(1)
+        src.batch(0, 0)  # fills the case cache
+        copy = pickle.loads(pickle.dumps(src))
+        assert_same(copy.batch(2, 1), src.batch(2, 1))
+        copy.close()  # the copy owns no workers: closing it leaves the source's running
+        assert len(_children() - before) == 1
+
+
+def test_dropping_the_source_stops_its_workers(cases: Path) -> None:
+    before = _children()
+    src = BatchSource(cases, IDS, (16, 20, 12), 2)
+    next(src.iterate(0, 3, num_workers=2))  # the iterator is dropped unfinished, the source kept
+    src.start(2)
+    assert len(_children() - before) == 2
+    del src
+    gc.collect()
+    assert _children() == before
+
+
+def test_a_killed_worker_raises_instead_of_hanging(cases: Path) -> None:
+    before = _children()
+    with BatchSource(cases, IDS, (16, 20, 12), 2) as src:
+        assert len(list(src.iterate(0, 2, num_workers=1))) == 2
+        (worker,) = _children() - before
+        os.kill(worker, signal.SIGKILL)  # killed while idle, between epochs
+        with pytest.raises(MedsegError, match="worker died"):
+            list(src.iterate(1, 2, num_workers=1))
+        assert len(list(src.iterate(1, 2, num_workers=1))) == 2  # the next epoch starts a new worker
+    assert _children() == before
+
+
+def test_a_failing_batch_raises_its_own_error_from_the_worker(cases: Path) -> None:
+    before = _children()
+    with BatchSource(cases, IDS, (16, 20, 12), 2) as src:
+        for case_id in IDS:
+            (cases / f"{case_id}.npy").write_bytes(b"not an array")
+        with pytest.raises(DatasetError, match="cannot read"):
+            list(src.iterate(0, 3, num_workers=2))
+        assert _children() == before, "a failed epoch stops the workers"
 
 
 def test_tiny_cases_are_padded_and_target_has_no_minus_one(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from medseg.memory import cpu_peak_bytes, measure_training_peak
-from medseg.plans.planner import VARIANTS
+from medseg.planning.memory import cpu_peak_bytes, measure_training_peak
+from medseg.planning.planner import VARIANTS
 from medseg.plans.schema import Architecture
 from medseg.plans.topology import pooling_plan
 

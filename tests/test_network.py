@@ -182,7 +182,7 @@ def test_reversible_stage_stores_less_for_backward():
     x = torch.randn(1, 8, 16, 16, 16, requires_grad=True)
 
     def saved_bytes(memory_saving: bool) -> int:
-        from medseg.memory import saved_for_backward_bytes
+        from medseg.planning.memory import saved_for_backward_bytes
 
         block.memory_saving = memory_saving
         out = []  # only what the forward pass keeps for backward is counted

@@ -1,4 +1,4 @@
-"""The planner (``medseg.plans.planner``) and the plans file (``medseg.plans.schema``).
+"""The planner (``medseg.planning.planner``) and the plans file (``medseg.plans.schema``).
 
 Synthetic fingerprints are built directly as pydantic objects, so every rule is checked against a
 hand-computed oracle; one test plans the real hippocampus data and compares with nnU-Net v2.
@@ -18,8 +18,8 @@ from medseg.errors import PlanError
 from medseg.fingerprint import CaseFingerprint, ChannelStats, Fingerprint
 from medseg.io.dataset import load_dataset
 from medseg.networks.unet import estimate_costs
+from medseg.planning.planner import CPU_TARGET_ITERATIONS, MIN_BATCH, plan_dataset
 from medseg.plans import topology
-from medseg.plans.planner import CPU_TARGET_ITERATIONS, MIN_BATCH, plan_dataset
 from medseg.plans.schema import SCHEMA_VERSION, Configuration, Plans
 
 CPU_FLOPS = 5e10  # a modest laptop CPU; fixed so that CPU plans are deterministic
@@ -384,7 +384,7 @@ def test_reversible_buys_a_larger_patch_where_memory_binds_and_records_the_trade
 
 
 def test_step_times_are_measured_once_per_machine_and_step(tmp_path, caplog):
-    from medseg.plans.planner import StepTimer
+    from medseg.planning.planner import StepTimer
     from medseg.plans.schema import Architecture
 
     arch = Architecture(features=[2, 4], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]])
@@ -407,7 +407,7 @@ def test_step_times_are_measured_once_per_machine_and_step(tmp_path, caplog):
 
 @pytest.mark.parametrize("target", [0.05, 0.3, 0.7, 1.2, 2.5, 9.0])
 def test_width_search_finds_the_widest_fitting_width_with_few_measurements(target: float):
-    from medseg.plans.planner import CPU_WIDTH_CHOICES, _widest_fitting
+    from medseg.planning.planner import CPU_WIDTH_CHOICES, _widest_fitting
 
     measured: list[int] = []
 
@@ -425,7 +425,7 @@ def test_width_search_finds_the_widest_fitting_width_with_few_measurements(targe
 def test_planner_timing_optimiser_updates_weights_exactly_as_torch_sgd():
     import torch
 
-    from medseg.memory import ForeachNesterovSGD
+    from medseg.planning.memory import ForeachNesterovSGD
 
     torch.manual_seed(0)
     ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True), torch.randn(2, requires_grad=True)]

@@ -162,3 +162,12 @@ def test_the_batch_sources_are_closed_when_training_ends_or_fails(msd_dataset, t
         train_fold(tmp_path, "3d_fullres", 0, epochs=2, resume=True)
     assert set(closed) == {"train", "val"}
     assert load_checkpoint(tmp_path / "runs" / "3d_fullres" / "fold_0" / "checkpoint_final.pt")["epoch"] == 1
+
+
+def test_the_latest_checkpoint_holds_the_best_smoothed_pseudo_dice_so_far(msd_dataset, tmp_path):
+    """A resumed run compares its next epochs with the same best as an uninterrupted one."""
+    _tiny_plan(msd_dataset, tmp_path)
+    run = train_fold(tmp_path, "3d_fullres", 0, epochs=3)
+    latest = load_checkpoint(run / "checkpoint_latest.pt")
+    assert latest["best_ema"] == max(h["pseudo_dice_ema"] for h in latest["history"])
+    assert load_checkpoint(run / "checkpoint_best.pt")["best_ema"] == latest["best_ema"]

@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import multiprocessing
-from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,8 @@ import pandas as pd
 from medseg.errors import DatasetError, MedsegError
 from medseg.evaluation.metrics import case_metrics
 from medseg.io.image import image_suffix, read_image
-from medseg.utils import atomic_path
+from medseg.parallel import parallel_map
+from medseg.utils import atomic_path, atomic_write_text
 
 __all__ = ["COLUMNS", "CONVENTIONS", "evaluate_folder", "format_summary"]
 
@@ -83,7 +82,7 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, out_dir: Path, labels: Mappin
     if wanted is not None and not wanted:
         raise MedsegError(f"labels {dict(labels)} name no foreground class (only 0, the background)")
     jobs = [(case, preds[case], refs[case], wanted) for case in sorted(refs)]
-    results = _run(jobs, num_workers, progress)
+    results = parallel_map(_evaluate_job, jobs, num_workers=num_workers, description="evaluating", progress=progress)
 
     if wanted is None:
         found = sorted(set().union(*(values for _, values in results)))
@@ -100,10 +99,11 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, out_dir: Path, labels: Mappin
     summary = _summarize(frame, wanted, len(refs))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "metrics.csv", lambda tmp: frame.to_csv(tmp, index=False, na_rep="NaN"))
-    text = json.dumps(summary, indent=2, allow_nan=False)
-    _write_atomic(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(text + "\n"))
-    _write_atomic(out_dir / "metrics.png", lambda tmp: _plot(frame, wanted, len(refs), tmp))
+    with atomic_path(out_dir / "metrics.csv") as tmp:
+        frame.to_csv(tmp, index=False, na_rep="NaN")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    with atomic_path(out_dir / "metrics.png") as tmp:
+        _plot(frame, wanted, len(refs), tmp)
     log.info("evaluated %d cases x %d classes into %s", len(refs), len(wanted), out_dir)
     return summary
 
@@ -140,39 +140,8 @@ def _index_folder(folder: Path, role: str) -> dict[str, Path]:
     return found
 
 
-def _run(jobs: list, num_workers: int, progress: bool) -> list[tuple[list[dict], set[int]]]:
-    """``_evaluate_pair`` over ``jobs`` in order, in worker processes when ``num_workers > 1``."""
-    bar = _progress_bar(len(jobs)) if progress else None
-    try:
-        if num_workers == 1 or len(jobs) == 1:
-            results = []
-            for job in jobs:
-                results.append(_evaluate_pair(*job))
-                if bar:
-                    bar[1]()
-            return results
-        # spawn, not fork: forking after torch/OpenMP threads started can hang the children.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs)), mp_context=ctx) as pool:
-            futures = [pool.submit(_evaluate_pair, *job) for job in jobs]
-            results = []
-            for future in futures:
-                results.append(future.result())
-                if bar:
-                    bar[1]()
-            return results
-    finally:
-        if bar:
-            bar[0].stop()
-
-
-def _progress_bar(total: int):
-    from rich.progress import Progress  # deferred: only for users who ask for a bar
-
-    bar = Progress(transient=True)
-    task = bar.add_task("evaluating", total=total)
-    bar.start()
-    return bar, lambda: bar.advance(task)
+def _evaluate_job(job: tuple) -> tuple[list[dict], set[int]]:
+    return _evaluate_pair(*job)
 
 
 def _evaluate_pair(case: str, pred_path: Path, ref_path: Path,
@@ -245,7 +214,7 @@ def _stats(values: np.ndarray) -> dict:
             "n": int(kept.size), "n_excluded": int(values.size - kept.size)}
 
 
-def _plot(frame: pd.DataFrame, labels: dict[int, str], n_cases: int, path: str) -> None:
+def _plot(frame: pd.DataFrame, labels: dict[int, str], n_cases: int, path: Path) -> None:
     # The Agg canvas directly, not pyplot: no global backend switch in the caller's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -264,12 +233,6 @@ def _plot(frame: pd.DataFrame, labels: dict[int, str], n_cases: int, path: str) 
     fig.supxlabel("diamonds: means; both masks empty: left out; one empty: Dice 0, HD95 = image diagonal",
                   fontsize=8)
     fig.savefig(path, format="png", dpi=100)
-
-
-def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Write via ``write(tmp)`` to a temp file in ``path``'s folder, then rename it onto ``path``."""
-    with atomic_path(path) as tmp:
-        write(str(tmp))
 
 
 def _num(value: float | None, fmt: str) -> str:

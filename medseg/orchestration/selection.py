@@ -27,8 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,9 @@ from medseg.inference.postprocessing import describe, keep_largest_foreground, k
 from medseg.inference.probabilities import load_probabilities, load_qc_score
 from medseg.inference.uncertainty import FLAG_QUANTILE, calibrate_threshold, spearman
 from medseg.io.dataset import load_dataset, read_case_label
+from medseg.parallel import parallel_map
 from medseg.plans.schema import ChosenModel, InferenceChoice, Plans, Postprocessing, QualityControl
+from medseg.plotting import new_figure, save_figure
 from medseg.training.splits import cv_folds, fold_case_ids
 from medseg.utils import atomic_path, atomic_write_json, atomic_write_text
 from medseg.workdir import WorkDir
@@ -176,15 +177,6 @@ def _postprocessing_case(args: tuple) -> dict:
     return out
 
 
-def _map(fn: Callable, jobs: list, num_workers: int, progress: bool, what: str) -> list:
-    from medseg.progress import track
-
-    if num_workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(num_workers, len(jobs))) as pool:
-            return list(track(pool.map(fn, jobs), total=len(jobs), description=what, enabled=progress))
-    return list(track(map(fn, jobs), total=len(jobs), description=what, enabled=progress))
-
-
 def summarize_candidates(frame: pd.DataFrame, candidates: Sequence[Candidate],
                          labels: Mapping[int, str]) -> pd.DataFrame:
     """One row per candidate: mean Dice and HD95 per class over cases (both-empty cases left out),
@@ -263,14 +255,14 @@ def select_model(source, keys: Sequence[str], labels: Mapping[int, str], *, num_
     labels = {int(k): v for k, v in labels.items()}
     classes = [k for k in sorted(labels) if k != 0]
     candidates = candidates_of(keys)
-    rows = _map(_evaluate_case, [(source, c, candidates, labels) for c in cases], num_workers, progress,
-                f"evaluate {len(candidates)} candidate(s)")
+    rows = parallel_map(_evaluate_case, [(source, c, candidates, labels) for c in cases], num_workers=num_workers,
+                        description=f"evaluate {len(candidates)} candidate(s)", progress=progress)
     frame = pd.DataFrame([r for case_rows in rows for r in case_rows])
     table = summarize_candidates(frame, candidates, labels)
     best_name = choose(table)
     best = next(c for c in candidates if name_of(c) == best_name)
-    per_case = pd.DataFrame(_map(_postprocessing_case, [(source, c, best, classes) for c in cases], num_workers,
-                                 progress, "postprocessing"))
+    per_case = pd.DataFrame(parallel_map(_postprocessing_case, [(source, c, best, classes) for c in cases],
+                                         num_workers=num_workers, description="postprocessing", progress=progress))
     pp, pp_figures = decide_postprocessing(per_case, classes)
     prefix = {(False, False): "none", (True, False): "fg", (False, True): "cls", (True, True): "fgcls"}
     final = np.column_stack([per_case[f"{prefix[(pp.foreground, k in pp.classes)]}_{k}"] for k in classes])
@@ -292,8 +284,8 @@ def decide_mirroring(source, best: Candidate, labels: Mapping[int, str], dice_wi
         return InferenceChoice(tolerance=tolerance, dice_with_mirroring=dice_with,
                                decided="mirroring on: the out-of-fold predictions without mirroring are missing "
                                        "(folds validated by an older medseg)")
-    rows = _map(_evaluate_case, [(source, c, [best], labels) for c in source.case_ids], num_workers, progress,
-                "evaluate without mirroring")
+    rows = parallel_map(_evaluate_case, [(source, c, [best], labels) for c in source.case_ids],
+                        num_workers=num_workers, description="evaluate without mirroring", progress=progress)
     table = summarize_candidates(pd.DataFrame([r for case_rows in rows for r in case_rows]), [best], labels)
     dice_without = float(table.iloc[0]["dice_fg"])
     cost = dice_with - dice_without
@@ -388,11 +380,7 @@ def _report(table: pd.DataFrame, chosen: ChosenModel, pp_figures: dict, labels: 
 
 
 def _plot_candidates(table: pd.DataFrame, best: str, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9.0, 0.9 + 0.45 * len(table)), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(9.0, 0.9 + 0.45 * len(table)), layout="constrained")
     colours = ["tab:red" if c == best else "tab:blue" for c in table["candidate"]]
     for ax, col, title in zip(fig.subplots(1, 2, sharey=True), ("dice_fg", "hd95_fg"),
                               ("foreground Dice (higher is better)", "HD95 mm (lower is better)"), strict=True):
@@ -406,16 +394,11 @@ def _plot_candidates(table: pd.DataFrame, best: str, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.invert_yaxis()
     fig.suptitle("out-of-fold candidates (red: chosen)", fontsize=10)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def _plot_qc(qc: pd.DataFrame, threshold: float, n_worst: int, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(6.0, 4.5), layout="constrained")
     ax = fig.subplots()
     worst = qc["dice_fg"].rank(method="first") <= n_worst
     ax.scatter(qc["qc_score"][~worst], qc["dice_fg"][~worst], s=12, label="other cases")
@@ -425,5 +408,4 @@ def _plot_qc(qc: pd.DataFrame, threshold: float, n_worst: int, path: Path) -> No
     ax.set_ylabel("case foreground Dice (out of fold)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path, dpi=100)

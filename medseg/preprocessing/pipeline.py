@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,8 +176,9 @@ def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int]) -> 
 
 
 def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[str] | None = None,
-                       num_workers: int = 1, progress: bool = False) -> dict[str, int]:
-    """Preprocess every case for each configuration; cases already done are skipped.
+                       num_workers: int = 1, progress: bool = False, executor: Executor | None = None) -> dict[str, int]:
+    """Preprocess every case for each configuration; cases already done are skipped (in
+    ``executor``'s workers when given, e.g. ``medseg plan``'s pool, forked before torch loaded).
     Returns the number of cases processed per configuration."""
     done: dict[str, int] = {}
     by_data: dict[str, Configuration] = {}
@@ -189,7 +191,7 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
         todo = [c for c in ds.cases if not (out_dir / f"{c.case_id}.json").exists()]
         jobs = [(c, config, sorted(plans.labels), out_dir, plans.seed + ds.cases.index(c)) for c in todo]
         parallel_map(_preprocess_case, jobs, num_workers=num_workers, description=f"preprocess {name}",
-                     progress=progress)
+                     progress=progress, executor=executor)
         done[name] = len(jobs)
     return done
 

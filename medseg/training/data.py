@@ -23,13 +23,15 @@ centre and centre-crops it to the patch size; regions outside the case are padde
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
-import multiprocessing
+import multiprocessing.connection
 import random
 import signal
 import sys
-from collections import OrderedDict, deque
+import traceback
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +50,14 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
 from medseg.errors import DatasetError, MedsegError
+from medseg.parallel import mp_context
+from medseg.preprocessing.pipeline import load_class_locations
 
 __all__ = ["AugmentationParams", "BatchSource", "initial_patch_size"]
 
 _CACHE_CASES = 64  # opened memmaps (and parsed class locations) kept per process
 _PREFETCH_PER_WORKER = 2  # batches computed ahead per worker in iterate()
-_POLL_S = 1.0  # how often iterate() checks that its workers are alive while waiting
+_PER_PROCESS = ("_transform", "_cache", "_workers", "_shutdown")  # rebuilt in each process, never pickled
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,11 @@ def initial_patch_size(patch_size: Sequence[int], params: AugmentationParams) ->
 class BatchSource:
     """Batches of training patches from a folder of preprocessed cases.
 
+    Augmentation workers (:meth:`iterate` with ``num_workers > 0``) live for the whole run: they
+    start on first use (or :meth:`start`) and every epoch reuses them until :meth:`close` (or the
+    end of a ``with`` block, or garbage collection). A source pickles without its workers and
+    per-process caches, so the workers can be spawned (:func:`medseg.parallel.mp_context`).
+
     Args:
         folder: preprocessed case folder (format in the module docstring).
         case_ids: the cases to draw from (e.g. one fold's training split).
@@ -212,10 +221,16 @@ class BatchSource:
         )
         # the size extracted from the case before SpatialTransform crops it to patch_size
         self.extract_size = initial_patch_size(self.patch_size, self.params) if augment else self.patch_size
+        self._init_per_process()
+
+    def _init_per_process(self) -> None:
+        """The state each process builds for itself: transforms, opened cases, worker processes."""
         self._transform = (
-            _build_transforms(self.patch_size, self.mirror_axes, self.params) if augment else None
+            _build_transforms(self.patch_size, self.mirror_axes, self.params) if self.augment else None
         )
         self._cache: OrderedDict[str, _Case] = OrderedDict()
+        self._workers: list[_Worker] = []
+        self._shutdown: weakref.finalize | None = None
 
     def _validate(self) -> None:
         ndim = len(self.patch_size)
@@ -238,10 +253,25 @@ class BatchSource:
             )
 
     def __getstate__(self) -> dict[str, Any]:
-        # workers get the light description only; each opens its own memmaps
-        state = self.__dict__.copy()
-        state["_cache"] = OrderedDict()
-        return state
+        # workers get the light description only; each builds its transforms and opens its own memmaps
+        return {k: v for k, v in self.__dict__.items() if k not in _PER_PROCESS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_per_process()
+
+    def __enter__(self) -> BatchSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the augmentation workers (if any); a later :meth:`iterate` with workers starts new ones.
+        Safe to call more than once."""
+        if self._shutdown is not None:
+            self._shutdown()  # terminate + join, once
+        self._workers, self._shutdown = [], None
 
     # ------------------------------------------------------------------ batches
 
@@ -367,14 +397,41 @@ class BatchSource:
 
     # ------------------------------------------------------------------ iteration
 
+    def start(self, num_workers: int) -> None:
+        """Start ``num_workers`` augmentation worker processes now (:meth:`iterate` starts them on
+        first use otherwise); they serve every later epoch until :meth:`close`. A different count
+        replaces the running workers. Workers start by :func:`medseg.parallel.mp_context`'s rule
+        (spawn once torch is loaded), ignore SIGINT and use one torch thread."""
+        if num_workers < 1:
+            raise MedsegError(f"num_workers must be >= 1 to start workers, got {num_workers}")
+        if len(self._workers) == num_workers:
+            return
+        self.close()
+        context = mp_context()
+        # a copy without workers or caches: no reference cycle, so garbage-collecting the source
+        # stops its workers
+        source = copy.copy(self)
+        workers = []
+        for _ in range(num_workers):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker_main, args=(source, theirs), daemon=True,
+                                      name="medseg-augmentation")
+            process.start()
+            theirs.close()
+            workers.append(_Worker(process, ours))
+        self._workers = workers
+        self._shutdown = weakref.finalize(self, _stop, workers)
+
     def iterate(self, epoch: int, n_batches: int, num_workers: int) -> Iterator[dict[str, Any]]:
         """Yield ``batch(epoch, i)`` for ``i = 0 .. n_batches - 1`` in order.
 
-        With ``num_workers > 0``, a pool of that many processes ('fork' where available, else
-        'spawn') computes up to ``2 * num_workers`` batches ahead. The pool is closed when the
-        iterator is exhausted and terminated when it is closed early, garbage-collected or
-        interrupted (workers ignore SIGINT; the parent handles it). A worker killed from outside
-        (e.g. out of memory) raises :class:`MedsegError` instead of hanging.
+        With ``num_workers > 0``, the source's worker processes (:meth:`start`, kept from earlier
+        epochs) compute up to ``2 * num_workers`` batches ahead, batch ``i`` on worker
+        ``i % num_workers``; each worker has its own pipe, so no lock is shared with it. One
+        iteration at a time. The workers are terminated when the iterator is closed early,
+        garbage-collected or interrupted (workers ignore SIGINT; the parent handles it), or when a
+        batch fails; a worker killed from outside (e.g. out of memory) raises :class:`MedsegError`
+        instead of hanging.
         """
         if num_workers <= 0:
             for i in range(n_batches):
@@ -382,28 +439,20 @@ class BatchSource:
             return
         if n_batches <= 0:
             return
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods()
-                                              else "spawn")
-        before = set(multiprocessing.active_children())
-        pool = context.Pool(num_workers, initializer=_worker_init, initargs=(self,))
-        workers = [p for p in multiprocessing.active_children() if p not in before]
+        self.start(num_workers)
+        workers = self._workers
         finished = False
         try:
-            pending: deque = deque()
             submitted = 0
-            while pending or submitted < n_batches:
-                while submitted < n_batches and len(pending) < _PREFETCH_PER_WORKER * num_workers:
-                    pending.append(pool.apply_async(_worker_batch, (epoch, submitted)))
+            for i in range(n_batches):
+                while submitted < n_batches and submitted - i < _PREFETCH_PER_WORKER * num_workers:
+                    _send(workers[submitted % num_workers], (epoch, submitted))
                     submitted += 1
-                result = _wait(pending.popleft(), workers)
-                yield result
+                yield _receive(workers[i % num_workers])
             finished = True
         finally:
-            if finished:
-                pool.close()
-            else:
-                pool.terminate()
-            pool.join()
+            if not finished:  # batches still in flight go with the workers; the next epoch starts new ones
+                self.close()
 
 
 @dataclass
@@ -444,17 +493,7 @@ class _Case:
 
     def class_locations(self, folder: Path) -> dict[str, np.ndarray]:
         if self._locations is None:
-            path = folder / f"{self.case_id}.json"
-            try:
-                raw = json.loads(path.read_text()).get("class_locations", {})
-            except (OSError, ValueError) as e:
-                raise DatasetError(f"{path}: cannot read class locations ({e})") from e
-            # [d0, d1, d2] per voxel; nnU-Net's [c, d0, d1, d2] is accepted too (last three used)
-            self._locations = {
-                str(k): np.asarray(v, dtype=np.int64).reshape(len(v), -1)[:, -3:] if len(v)
-                else np.zeros((0, 3), np.int64)
-                for k, v in raw.items()
-            }
+            self._locations = load_class_locations(folder, self.case_id)
         return self._locations
 
 
@@ -511,32 +550,68 @@ def _build_transforms(patch_size: Sequence[int], mirror_axes: Sequence[int],
 
 # ---------------------------------------------------------------------- worker processes
 
-_WORKER_SOURCE: BatchSource | None = None
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection  # (epoch, index) in; (ok, batch or exception, traceback) out
 
 
-def _worker_init(source: BatchSource) -> None:
-    global _WORKER_SOURCE
+class _WorkerTraceback(Exception):
+    """The cause attached to an exception raised in a worker: the worker's traceback."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _worker_main(source: BatchSource, conn: multiprocessing.connection.Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    source._cache = OrderedDict()  # a forked copy must not share the parent's open memmaps
-    _WORKER_SOURCE = source
-
-
-def _worker_batch(epoch: int, index: int) -> dict[str, Any]:
-    assert _WORKER_SOURCE is not None, "worker not initialised"
-    return _WORKER_SOURCE.batch(epoch, index)
-
-
-def _wait(result: multiprocessing.pool.AsyncResult, workers: list) -> dict[str, Any]:
-    """``result.get()``, but raise instead of waiting forever if a worker was killed."""
     while True:
         try:
-            return result.get(timeout=_POLL_S)
-        except multiprocessing.TimeoutError:
-            dead = [p for p in workers if p.exitcode not in (None, 0)]
-            if dead:
-                raise MedsegError(
-                    f"a data-loading worker died (exit code {dead[0].exitcode}; -9 usually means out of "
-                    "memory); use fewer workers or a smaller patch/batch"
-                ) from None
+            epoch, index = conn.recv()
+        except EOFError:  # the parent closed its end
+            return
+        try:
+            reply = (True, source.batch(epoch, index), "")
+        except Exception as exc:  # raised in the parent as itself
+            reply = (False, exc, traceback.format_exc())
+        conn.send(reply)
+
+
+def _send(worker: _Worker, task: tuple[int, int]) -> None:
+    try:
+        worker.conn.send(task)
+    except OSError:  # the worker's end is gone
+        _raise_dead(worker)
+
+
+def _receive(worker: _Worker) -> dict[str, Any]:
+    """The worker's next result; raises instead of waiting forever if the worker died."""
+    try:
+        multiprocessing.connection.wait([worker.conn, worker.process.sentinel])
+        if not worker.conn.poll():  # the sentinel fired and nothing was sent
+            _raise_dead(worker)
+        ok, value, remote_traceback = worker.conn.recv()
+    except (EOFError, OSError):
+        _raise_dead(worker)
+    if not ok:
+        raise value from _WorkerTraceback(remote_traceback)
+    return value
+
+
+def _raise_dead(worker: _Worker) -> None:
+    worker.process.join(timeout=5)
+    raise MedsegError(
+        f"a data-loading worker died (exit code {worker.process.exitcode}; -9 usually means out of "
+        "memory); use fewer workers or a smaller patch/batch"
+    ) from None
+
+
+def _stop(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.process.terminate()
+    for worker in workers:
+        worker.process.join()
+        worker.conn.close()

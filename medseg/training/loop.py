@@ -363,14 +363,16 @@ def _validate_patches(parts: TrainingComponents, batches: Iterable[dict[str, Any
 def _save_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState) -> None:
     """``checkpoint_latest.pt``, the log, ``checkpoint_best.pt`` when the smoothed pseudo-Dice improved, the curves."""
     run_dir = setup.run_dir
+    improved = state.ema > state.best_ema
+    if improved:  # before the latest checkpoint is taken, so that a resumed run compares with the same best
+        state.best_ema = state.ema
     ckpt = TrainingCheckpoint(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
                               scaler=parts.scaler.state_dict() if parts.amp else None,
                               torch_rng=torch.get_rng_state(), config=setup.config.key, fold=str(setup.fold),
-                              state=replace(state))  # a snapshot: best_ema changes below
+                              state=replace(state))
     save_checkpoint(run_dir.latest, ckpt)
     # the log is rewritten from the checkpoint's history, so a kill never leaves them disagreeing
     atomic_write_text(run_dir.log, "".join(json.dumps(r) + "\n" for r in state.history))
-    if state.ema > state.best_ema:
-        state.best_ema = state.ema
-        save_checkpoint(run_dir.best, replace(ckpt, state=replace(ckpt.state, best_ema=state.ema)))
+    if improved:
+        save_checkpoint(run_dir.best, ckpt)
     plot_curves(state.history, run_dir.curves)
