@@ -1,26 +1,20 @@
 """Figures written as PNG files: matplotlib's object API (no pyplot, so the library never changes
-matplotlib's global backend or keeps figures alive), saved atomically.
-
-matplotlib is imported when the first figure is made, not with this module: MATPLOTLIB_IMPORT on
-this 2-core machine (docs/architecture.md, start-up time), which prediction and planning never need.
-"""
+matplotlib's global backend or keeps figures alive), saved atomically."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from medseg.utils import atomic_path
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 
 def new_figure(**kwargs: Any) -> Figure:
     """A :class:`matplotlib.figure.Figure` with an Agg canvas (``kwargs``: figsize, layout, …)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
     return fig
@@ -28,8 +22,6 @@ def new_figure(**kwargs: Any) -> Figure:
 
 def colormap(name: str):
     """A registered matplotlib colormap by name (e.g. ``"autumn"``)."""
-    from matplotlib import colormaps
-
     return colormaps[name]
 
 

@@ -1,4 +1,5 @@
-"""The stage functions the CLI calls: one per command, each a thin composition of library parts."""
+"""The planning stages the CLI calls (`plan`, `preprocess`, `info`); training, prediction and
+selection are called from `medseg.orchestration` and `medseg.inference` directly."""
 
 from __future__ import annotations
 

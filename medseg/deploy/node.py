@@ -32,17 +32,18 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+import pydicom
 from pydantic import BaseModel, ConfigDict, Field
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
 
 from medseg.errors import MedsegError
+from medseg.inference.predictor import LoadedModel, PredictOptions, predict_folder
 from medseg.io.transfer_syntaxes import DECODABLE_TRANSFER_SYNTAXES
-from medseg.utils import atomic_write_bytes
+from medseg.utils import atomic_write_bytes, load_json_model
 from medseg.workdir import WorkDir
-
-if TYPE_CHECKING:
-    from pynetdicom import AE
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,6 @@ class NodeConfig(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> NodeConfig:
-        from medseg.utils import load_json_model
-
         config = load_json_model(cls, path, missing="configuration file not found")
         d = config.destination
         if not d.stow_url and not (d.ae_title and d.port):
@@ -100,9 +99,6 @@ def storage_ae(ae_title: str, allowed_calling_aets: list[str]) -> AE:
     medseg decodes (:data:`medseg.io.transfer_syntaxes.DECODABLE_TRANSFER_SYNTAXES`, so nothing is
     acknowledged that prediction then cannot read) and Verification (C-ECHO), for the calling AE
     titles given only."""
-    from pynetdicom import AE, AllStoragePresentationContexts
-    from pynetdicom.sop_class import Verification
-
     ae = AE(ae_title=ae_title)
     ae.require_calling_aet = list(allowed_calling_aets)
     for context in AllStoragePresentationContexts:
@@ -194,8 +190,6 @@ class Node:
         return 0x0000
 
     def _on_end(self, event) -> None:
-        from pynetdicom import evt
-
         uids = self._assoc_series.pop(id(event.assoc), set())
         aborted = event.event == evt.EVT_ABORTED
         self.spool.released(uids, ".aborted" if aborted else ".released")
@@ -207,8 +201,6 @@ class Node:
         return 0x0000
 
     def start(self) -> None:
-        from pynetdicom import evt
-
         ae = storage_ae(self.config.ae_title, self.config.allowed_calling_aets)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_RELEASED, self._on_end), (evt.EVT_ABORTED, self._on_end)]
@@ -261,8 +253,6 @@ class Node:
             self.busy.discard(uid)
 
     def _predict(self, folder: Path) -> list[Path]:
-        from medseg.inference.predictor import PredictOptions, predict_folder
-
         work = folder / "work"
         if work.exists():
             shutil.rmtree(work)
@@ -273,10 +263,8 @@ class Node:
         os.replace(work, out)  # one rename: the SEGs exist completely or not at all
         return [out / p.name for p in written]
 
-    def _loaded_model(self):
+    def _loaded_model(self) -> LoadedModel:
         """The model, read from ``model_dir`` once (threads share it: inference only reads it)."""
-        from medseg.inference.predictor import LoadedModel
-
         with self._model_lock:
             if self._model is None:
                 self._model = LoadedModel.load(self.config.model_dir, device=self.config.device)
@@ -296,9 +284,6 @@ class Node:
                 if resp.status not in (200, 202):
                     raise MedsegError(f"STOW-RS to {d.stow_url} answered HTTP {resp.status}")
             return
-        import pydicom
-        from pynetdicom import AE
-
         ds = pydicom.dcmread(path)
         ae = AE(ae_title=self.config.ae_title)
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)

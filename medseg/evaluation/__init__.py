@@ -38,6 +38,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in ("evaluate_folder", "format_summary"):
+        # deferred: the report's pandas and matplotlib take ~1 s CPU; the metrics alone import in 0.1 s
         from medseg.evaluation import report
 
         return getattr(report, name)

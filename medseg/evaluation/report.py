@@ -27,6 +27,7 @@ from medseg.errors import DatasetError, MedsegError
 from medseg.evaluation.metrics import case_metrics
 from medseg.io.image import image_suffix, read_image
 from medseg.parallel import parallel_map
+from medseg.plotting import new_figure
 from medseg.utils import atomic_path, atomic_write_text
 
 __all__ = ["COLUMNS", "CONVENTIONS", "evaluate_folder", "format_summary"]
@@ -215,13 +216,8 @@ def _stats(values: np.ndarray) -> dict:
 
 
 def _plot(frame: pd.DataFrame, labels: dict[int, str], n_cases: int, path: Path) -> None:
-    # The Agg canvas directly, not pyplot: no global backend switch in the caller's process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     ids = sorted(labels)
-    fig = Figure(figsize=(max(6.0, 2.0 + 1.6 * len(ids)), 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(max(6.0, 2.0 + 1.6 * len(ids)), 4.0), layout="constrained")
     for ax, metric, title in zip(fig.subplots(1, 2), ("dice", "hd95_mm"), ("Dice", "HD95 (mm)"), strict=True):
         data = [frame.loc[frame["class_id"] == k, metric].dropna().to_numpy(dtype=float) for k in ids]
         if ids:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
+import pandas as pd
 import torch
 
 from medseg.errors import CheckpointError, MedsegError
@@ -360,8 +361,6 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
 
 def _write_summary(output: Path, rows: list[dict], members: list[str], threshold: float | None) -> None:
     """Merge this run's cases into ``predict_summary.json`` / ``.csv`` (earlier runs' cases are kept)."""
-    import pandas as pd  # PANDAS_COST
-
     path = output / "predict_summary.json"
     old = {}
     if path.exists():

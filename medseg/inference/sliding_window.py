@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
+from medseg.inference.uncertainty import qc_score
+
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -97,8 +99,6 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
                 p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2,
                                        unmirrored=plain)
         if qc_scores is not None:
-            from medseg.inference.uncertainty import qc_score
-
             qc_scores.append(qc_score(volume(p)))
         total = p if total is None else total + p
     if plain:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 FLAG_QUANTILE = 0.9  # flag the 10% most uncertain cases of the cross-validation
 
@@ -44,6 +45,4 @@ def calibrate_threshold(scores: Sequence[float], quantile: float = FLAG_QUANTILE
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
-    import pandas as pd
-
     return float(pd.Series(a, dtype=float).rank().corr(pd.Series(b, dtype=float).rank()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from medseg.networks.unet import build_network, estimate_costs
 from medseg.plans.schema import Architecture, Configuration
@@ -32,7 +33,6 @@ def estimate_training_bytes(arch: Architecture, patch: Sequence[int], batch: int
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak of live CPU tensor bytes allocated while ``fn`` runs, above what was live before it."""
-    from torch.profiler import ProfilerActivity, profile  # deferred: PROFILER_IMPORT, only for measurements
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()

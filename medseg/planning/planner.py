@@ -31,6 +31,7 @@ from medseg.fingerprint import Fingerprint
 from medseg.io.dataset import channel_normalization
 from medseg.networks.unet import check_buildable, estimate_costs
 from medseg.networks.variants import BLOCKS_BY_VARIANT, presets
+from medseg.planning.memory import synthetic_training_step
 from medseg.plans import topology
 from medseg.plans.schema import (
     Architecture,
@@ -91,10 +92,6 @@ def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, i
                          num_classes: int, device: str = "cpu", steps: int = 1) -> float:
     """Seconds per real training step (forward, deep-supervision loss, backward, SGD) on random data,
     after one warm-up step (which pays the kernel and allocator set-up); the fastest of ``steps``."""
-    # deferred: the training loss (MONAI's losses) costs LOSSES_IMPORT, paid only when a step is timed,
-    # never by a plan whose step times are all remembered (docs/architecture.md, start-up time)
-    from medseg.planning.memory import synthetic_training_step
-
     _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device, torch_optimizer=False)
     best = float("inf")
     for i in range(steps + 1):

@@ -51,7 +51,8 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 
 from medseg.errors import DatasetError, MedsegError
 from medseg.parallel import mp_context
-from medseg.preprocessing.pipeline import load_class_locations
+from medseg.preprocessing.pipeline import load_class_locations, one_hot
+from medseg.training.cascade import augment_prior
 
 __all__ = ["AugmentationParams", "BatchSource", "initial_patch_size"]
 
@@ -302,9 +303,6 @@ class BatchSource:
                 random.setstate(saved[1])
             data, seg = out["data"], out["seg"]
         if self.prior_folder is not None:  # the previous stage's labels travelled as a second label channel
-            from medseg.preprocessing.pipeline import one_hot
-            from medseg.training.cascade import augment_prior
-
             prior = np.rint(seg[:, 1]).astype(np.int8)
             onehot = np.stack([one_hot(p, self.num_classes) for p in prior])
             if self.augment:
