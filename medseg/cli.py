@@ -6,8 +6,11 @@ message on stderr and exit code 2 (``--debug`` shows the traceback).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -58,6 +61,67 @@ def _device(value: str | None) -> str:
     return resolve_device(value)
 
 
+# ---------------------------------------------------------------- --executor local|slurm
+
+_CLUSTER_OPTIONS = [
+    ("executor", str, typer.Option("local", "--executor", help="local, or slurm: submit as Slurm job(s) through "
+                                   "submitit and return at once with the job ids (see docs/cluster.md).")),
+    ("partition", str, typer.Option(None, "--partition", help="Slurm: partition (default: cluster.json's).")),
+    ("gpus_per_job", int, typer.Option(None, "--gpus-per-job", help="Slurm: GPUs per job.")),
+    ("cpus_per_job", int, typer.Option(None, "--cpus-per-job", help="Slurm: CPUs per job.")),
+    ("mem_gb", float, typer.Option(None, "--mem-gb", help="Slurm: memory per job (GB).")),
+    ("time_min", int, typer.Option(None, "--time", help="Slurm: time limit per job in minutes; a training job "
+                                   "reaching it requeues itself and resumes.")),
+    ("account", str, typer.Option(None, "--account", help="Slurm: account.")),
+    ("qos", str, typer.Option(None, "--qos", help="Slurm: quality of service.")),
+    ("slurm", list[str], typer.Option(None, "--slurm", help="Slurm: any sbatch option as KEY=VALUE (repeatable; "
+                                      "KEY= for a flag).")),
+]
+
+
+def cluster_options(command: Callable) -> Callable:
+    """Add ``--executor`` and the Slurm settings to ``command``, which receives them as one argument
+    ``cluster``: None for ``--executor local``, else a function of the work directory giving its
+    ``cluster.json`` settings with the options given here on top."""
+    sig = inspect.signature(command)
+    params = [p for p in sig.parameters.values() if p.name != "cluster"]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+             for name, kind, default in _CLUSTER_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        given = {name: kwargs.pop(name) for name, _, _ in _CLUSTER_OPTIONS}
+        executor = given.pop("executor")
+        if executor not in ("local", "slurm"):
+            raise MedsegError(f"--executor {executor!r}: expected local or slurm")
+        if executor == "local":
+            used = [f"--{n.replace('_', '-')}" for n, v in given.items() if v]
+            if used:
+                raise MedsegError(f"{used[0]} needs --executor slurm")
+            return command(cluster=None, **kwargs)
+
+        def settings(workdir: Path):
+            from medseg.cluster.config import ClusterConfig, parse_slurm_options
+
+            given["slurm"] = parse_slurm_options(given["slurm"])
+            return ClusterConfig.load(WorkDir(workdir).cluster_config).merged(**given)
+
+        return command(cluster=settings, **kwargs)
+
+    del wrapper.__wrapped__  # typer reads the signature below, not the command's
+    wrapper.__signature__ = sig.replace(parameters=[*params, *extra])
+    wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "cluster"},
+                               **{name: kind for name, kind, _ in _CLUSTER_OPTIONS}}
+    return wrapper
+
+
+def _print_jobs(ids: dict[str, list[str]]) -> None:
+    for stage, job_ids in ids.items():
+        if job_ids:
+            console.print(f"[green]submitted[/] {stage}: {', '.join(job_ids)}")
+    console.print("follow them with [bold]medseg jobs WORK[/]")
+
+
 class _PlanCommand(TyperCommand):
     """``plan``, whose ``--variants`` help lists the variant registry, read only when the help is
     shown: the registry holds the network blocks, whose import (torch, MONAI: ~3 s on 2 cores) no
@@ -74,6 +138,7 @@ class _PlanCommand(TyperCommand):
 
 
 @app.command(cls=_PlanCommand)
+@cluster_options
 def plan(
     dataset: Path = typer.Argument(..., help="Dataset folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Work directory for plans, data, runs."),
@@ -90,8 +155,17 @@ def plan(
     remeasure: bool = typer.Option(False, "--remeasure", help="CPU: measure training step times again instead of "
                                    "reusing those remembered for this machine ($MEDSEG_HOME/step_times.json)."),
     workers: int = typer.Option(None, "--workers", help="Parallel processes (default: CPU count, at most 8)."),
+    cluster=None,
 ) -> None:
     """Check, fingerprint and plan a dataset, then preprocess it."""
+    if cluster is not None:
+        from medseg.cluster.jobs import submit_plan
+
+        _print_jobs({"plan": submit_plan(dataset, output, cluster(output), memory_gb=memory_gb, device=device,
+                                         configs=_configs(configs), time_budget_min=time_budget,
+                                         preprocess=not no_preprocess, variants=_configs(variants),
+                                         remeasure=remeasure)})
+        return
     from medseg import workflow
 
     workflow.plan(dataset, output, memory_gb=memory_gb, device=device, configs=_configs(configs),
@@ -123,9 +197,11 @@ def info(workdir: Path = typer.Argument(..., help="Work directory made by `medse
 
 
 @app.command()
+@cluster_options
 def train(
     workdir: Path = typer.Argument(..., help="Work directory made by `medseg plan`."),
-    config: str = typer.Option("3d_fullres", "-c", "--config"),
+    config: str = typer.Option("3d_fullres", "-c", "--config", help="Configuration, or several comma-separated "
+                               "(trained one after the other; with --executor slurm one job array over all)."),
     fold: str = typer.Option("0", "-f", "--fold",
                              help="0..4, 'all' (the five cross-validation folds, then the out-of-fold report) "
                                   "or 'full' (one model on every case)."),
@@ -136,19 +212,28 @@ def train(
     device: str = typer.Option(None, "--device"),
     workers: int = typer.Option(None, "--workers", help="Augmentation processes (default: 1 on CPU, up to 8 on CUDA)."),
     no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full validation."),
+    cluster=None,
 ) -> None:
     """Train one fold, all five (-f all) or one model on every case (-f full) of a configuration."""
+    options = {"epochs": epochs, "iterations_per_epoch": iterations, "time_budget_min": time_budget,
+               "num_workers": workers, "validate_full": not no_validation}
+    if cluster is not None:
+        from medseg.cluster.jobs import submit_training
+
+        # the device is chosen on the node (CUDA when the job has a GPU) unless --device says
+        _print_jobs(submit_training(workdir, _configs(config), fold, cluster(workdir), device=device, **options))
+        return
     from medseg.orchestration.crossval import parse_folds, train_folds
 
-    folds = parse_folds(workdir, config, fold)
-    summary = train_folds(workdir, config, folds, epochs=epochs, iterations_per_epoch=iterations,
-                          time_budget_min=time_budget, resume=resume, device=_device(device), num_workers=workers,
-                          validate_full=not no_validation, progress=True)
-    for line in summary:
-        console.print(line)
+    for name in _configs(config):
+        folds = parse_folds(workdir, name, fold)
+        summary = train_folds(workdir, name, folds, resume=resume, device=_device(device), progress=True, **options)
+        for line in summary:
+            console.print(line)
 
 
 @app.command()
+@cluster_options
 def predict(
     input: Path = typer.Option(..., "-i", "--input", help="Image file, folder of images, or DICOM folder tree."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
@@ -174,31 +259,58 @@ def predict(
     output_format: str = typer.Option("nifti", "--output-format", help="nifti, dicom-seg (DICOM input) or both."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: str = typer.Option(None, "--device"),
+    num_parts: int = typer.Option(1, "--num-parts", help="Split the cases into this many disjoint, deterministic "
+                                  "shards (sorted case ids, every N-th) and predict only --part of them."),
+    part: int = typer.Option(0, "--part", help="Which shard, 0..N-1; several shards may write into one folder."),
+    shards: int = typer.Option(None, "--shards", help="Slurm: one job array of this many shards."),
+    cluster=None,
 ) -> None:
     """Segment new images; outputs have the input's exact geometry. Writes predict_summary.json/.csv
     with each case's QC score (flagged when above model.json's threshold)."""
-    from medseg.inference.predictor import PredictOptions, predict_folder
-
     fold_list = None
     if folds:
         fold_list = [f if not f.isdigit() else int(f) for f in _configs(folds)]
-    options = PredictOptions(step=step, tta=tta, save_probabilities=save_probabilities, save_attention=save_attention,
-                             save_uncertainty=save_uncertainty, postprocess=not no_postprocessing, overwrite=overwrite,
-                             series=series, output_format=output_format, progress=True)
+    fields = {"step": step, "tta": tta, "save_probabilities": save_probabilities, "save_attention": save_attention,
+              "save_uncertainty": save_uncertainty, "postprocess": not no_postprocessing, "overwrite": overwrite,
+              "series": series, "output_format": output_format}
+    if cluster is not None:
+        from medseg.cluster.jobs import submit_predict
+
+        load = {"config_name": config, "folds": fold_list, "device": device}
+        ids = (submit_predict(input, output, model, cluster(model), options=fields, load=load, shards=shards)
+               if shards else submit_predict(input, output, model, cluster(model), options=fields, load=load,
+                                             shards=num_parts, parts=[part]))
+        _print_jobs({"predict": ids})
+        return
+    if shards:
+        raise MedsegError("--shards needs --executor slurm (locally: --num-parts N --part I)")
+    from medseg.inference.predictor import PredictOptions, predict_folder
+
+    options = PredictOptions(**fields, num_parts=num_parts, part=part, progress=True)
     written = predict_folder(input, output, model, options, config_name=config, folds=fold_list,
                              device=_device(device))
     console.print(f"[green]{len(written)} segmentation(s) written to[/] {output}")
 
 
 @app.command("find-best")
+@cluster_options
 def find_best(
     workdir: Path = typer.Argument(..., help="Work directory with cross-validated configurations (train -f all)."),
     configs: str = typer.Option(None, "--configs", help="Comma-separated configurations to consider "
                                                          "(default: every one with all folds trained)."),
     workers: int = typer.Option(None, "--workers"),
+    after: str = typer.Option(None, "--after", help="Slurm: start after these comma-separated jobs succeeded "
+                              "(default: this work directory's training jobs that have not ended)."),
+    cluster=None,
 ) -> None:
     """Choose the model on out-of-fold predictions: every configuration and pairwise ensemble, then
     postprocessing and the QC threshold. Writes model.json and find_best/ (table, plot)."""
+    if cluster is not None:
+        from medseg.cluster.jobs import submit_find_best
+
+        _print_jobs({"find-best": submit_find_best(workdir, cluster(workdir), configs=_configs(configs),
+                                                   after=_configs(after))})
+        return
     from medseg.orchestration.selection import find_best as run
     from medseg.workflow import default_workers
 
@@ -222,6 +334,66 @@ def evaluate(
     summary = evaluate_folder(pred, gt, output, num_workers=workers or default_workers(), progress=True)
     print(format_summary(summary))
     console.print(f"report: {output}")
+
+
+@app.command()
+@cluster_options
+def pipeline(
+    dataset: Path = typer.Argument(..., help="Dataset folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Work directory."),
+    configs: str = typer.Option("3d_fullres", "-c", "--configs", help="Comma-separated configurations to plan, "
+                                "cross-validate and choose from."),
+    time_budget: float = typer.Option(None, "--time-budget", help="Training minutes per fold (plan and train)."),
+    epochs: int = typer.Option(None, "--epochs"),
+    device: str = typer.Option(None, "--device"),
+    predict_input: Path = typer.Option(None, "--predict-input", help="Also segment these images with the chosen model."),
+    predict_output: Path = typer.Option(None, "--predict-output", help="... into this folder."),
+    shards: int = typer.Option(1, "--shards", help="Slurm: prediction shards (one job array)."),
+    cluster=None,
+) -> None:
+    """plan → train every fold of each configuration → find-best (→ predict): with --executor slurm a
+    chain of jobs, each starting when the one before succeeded (returns at once); locally one after
+    the other."""
+    if (predict_input is None) != (predict_output is None):
+        raise MedsegError("--predict-input and --predict-output go together")
+    names = _configs(configs)
+    plan_options = {"time_budget_min": time_budget, "device": device}
+    train_options = {"epochs": epochs, "time_budget_min": time_budget, "device": device}
+    predict = (predict_input, predict_output) if predict_input else None
+    if cluster is not None:
+        from medseg.cluster.jobs import submit_pipeline
+
+        _print_jobs(submit_pipeline(dataset, output, names, cluster(output), plan_options=plan_options,
+                                    train_options=train_options, predict=predict, shards=shards))
+        return
+    from medseg import workflow
+    from medseg.inference.predictor import predict_folder
+    from medseg.orchestration.crossval import parse_folds, train_folds
+    from medseg.orchestration.selection import find_best as run_find_best
+
+    workflow.plan(dataset, output, configs=names, progress=True, **plan_options)
+    for name in names:
+        for line in train_folds(output, name, parse_folds(output, name, "all"), progress=True,
+                                **{**train_options, "device": _device(device)}):
+            console.print(line)
+    run_find_best(output, configs=names, num_workers=workflow.default_workers(), progress=True)
+    if predict:
+        predict_folder(*predict, output, device=_device(device), progress=True)
+    console.print(f"[green]pipeline done[/]: {WorkDir(output).model}")
+
+
+@app.command()
+def jobs(workdir: Path = typer.Argument(..., help="Work directory whose jobs were submitted with --executor slurm.")
+         ) -> None:
+    """The submitted jobs: the scheduler's state, the run's progress (epoch, pseudo-Dice, ETA), the log."""
+    from rich.table import Table
+
+    from medseg.cluster.jobs import job_table
+
+    table = Table("job", "what", "state", "progress", "log")
+    for row in job_table(workdir):
+        table.add_row(row.job_id, row.name, row.state, row.progress, row.log)
+    Console(width=200).print(table)
 
 
 @app.command()

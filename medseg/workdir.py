@@ -16,6 +16,9 @@ distributed run) finds the same files without repeating their names::
       runs/<config key>/crossval/            out-of-fold predictions and report (CrossvalDir)
       model.json               the chosen model (medseg find-best)
       find_best/               find-best's tables, plots and report
+      cluster.json             Slurm settings for --executor slurm (medseg.cluster.config)
+      jobs/jobs.jsonl          every job submitted for this work directory (medseg jobs)
+      jobs/logs/<job id>/      submitit's files of each job: its stdout/stderr, submission
 
 This module is the bottom layer: paths only, no knowledge of plans or networks.
 """
@@ -184,6 +187,26 @@ class WorkDir:
     @property
     def find_best(self) -> Path:
         return self.root / "find_best"
+
+    # cluster jobs
+    @property
+    def cluster_config(self) -> Path:
+        """``cluster.json``: the Slurm settings of ``--executor slurm``."""
+        return self.root / "cluster.json"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    @property
+    def job_registry(self) -> Path:
+        """One JSON line per submitted job."""
+        return self.jobs / "jobs.jsonl"
+
+    @property
+    def job_logs(self) -> Path:
+        """submitit's folder; ``%j`` is replaced by each job's id."""
+        return self.jobs / "logs" / "%j"
 
     # the dataset it was planned from
     def write_source(self, dataset: str | Path) -> None:

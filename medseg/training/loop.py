@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -197,7 +199,8 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
         with _progress_bar(f"train {config.key} fold {fold}", budget.epochs, state.epoch, progress) as advance:
             while _continues(state, clock, budget):
                 _run_epoch(setup, parts, state, clock, train_src, val_src, num_workers)
-                _save_epoch(setup, parts, state)
+                with _signals_held():
+                    _save_epoch(setup, parts, state)
                 advance(state.epoch)
     save_checkpoint(setup.run_dir.final, FinalCheckpoint(parts.model.state_dict(), config.key, str(fold),
                                                          state.epoch, state.elapsed_s))
@@ -358,6 +361,27 @@ def _validate_patches(parts: TrainingComponents, batches: Iterable[dict[str, Any
             counts += _pseudo_dice(out, y, n_classes)
     tp, fp, fn = counts.T
     return PatchValidation(float(np.mean(losses)), 2 * tp / np.maximum(2 * tp + fp + fn, 1))
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGTERM, SIGUSR2 (Slurm's time-limit and preemption signal, on which a cluster job
+    requeues itself and exits) and SIGINT until the epoch's files are all written, so that the latest
+    checkpoint, the best checkpoint and the log always agree: a signal that arrives meanwhile is
+    recorded and raised again, to its own handler, on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
 
 
 def _save_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState) -> None:
