@@ -345,6 +345,7 @@ def pipeline(
                                 "cross-validate and choose from."),
     time_budget: float = typer.Option(None, "--time-budget", help="Training minutes per fold (plan and train)."),
     epochs: int = typer.Option(None, "--epochs"),
+    iterations: int = typer.Option(None, "--iterations-per-epoch"),
     device: str = typer.Option(None, "--device"),
     predict_input: Path = typer.Option(None, "--predict-input", help="Also segment these images with the chosen model."),
     predict_output: Path = typer.Option(None, "--predict-output", help="... into this folder."),
@@ -358,7 +359,8 @@ def pipeline(
         raise MedsegError("--predict-input and --predict-output go together")
     names = _configs(configs)
     plan_options = {"time_budget_min": time_budget, "device": device}
-    train_options = {"epochs": epochs, "time_budget_min": time_budget, "device": device}
+    train_options = {"epochs": epochs, "iterations_per_epoch": iterations, "time_budget_min": time_budget,
+                     "device": device}
     predict = (predict_input, predict_output) if predict_input else None
     if cluster is not None:
         from medseg.cluster.jobs import submit_pipeline

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
+
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
@@ -11,9 +20,17 @@ from helpers import make_case
 from test_training import _tiny_plan
 
 from medseg.errors import MedsegError
-from medseg.inference.predictor import LoadedModel, PredictOptions, predict_folder
+from medseg.inference.predictor import (
+    InputCase,
+    LoadedModel,
+    PredictOptions,
+    _loggable_id,
+    predict_folder,
+    write_summary,
+)
 from medseg.inference.sliding_window import predict_logits_tta
 from medseg.training.loop import train_fold
+from medseg.utils import atomic_write_json
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +167,117 @@ def test_the_unmirrored_pass_comes_with_the_mirrored_prediction():
     alone = predict_logits_tta(net, x, (16, 16, 16), step=0.5, mirror_axes=())
     assert len(plain) == 1 and torch.equal(plain[0], alone)
     assert not torch.allclose(mirrored, alone)  # a conv with random weights is not mirror-symmetric
+
+
+def _inputs(folder, n=5, first=0):
+    folder.mkdir(exist_ok=True)
+    for k in range(first, first + n):
+        image, _ = make_case(seed=20 + k)
+        nib.save(nib.Nifti1Image(image[0], np.eye(4)), folder / f"case{k}.nii.gz")
+    return folder
+
+
+def _rows(output):
+    return {f.stem for f in (output / ".predict_summary").glob("*.json")}
+
+
+def test_shards_in_any_order_equal_one_unsharded_predict_summary_included(tiny_model, tmp_path):
+    inputs = _inputs(tmp_path / "in")
+    predict_folder(inputs, tmp_path / "whole", tiny_model, tta=False)
+    parts, rows = {}, {}
+    for part in (2, 0, 1):
+        before = _rows(tmp_path / "sharded")
+        written = predict_folder(inputs, tmp_path / "sharded", tiny_model, tta=False, num_parts=3, part=part)
+        parts[part] = {p.name for p in written}
+        rows[part] = _rows(tmp_path / "sharded") - before
+    assert parts == {0: {"case0.nii.gz", "case3.nii.gz"}, 1: {"case1.nii.gz", "case4.nii.gz"}, 2: {"case2.nii.gz"}}
+    assert rows == {p: {n.removesuffix(".nii.gz") for n in names} for p, names in parts.items()}  # disjoint
+    assert _rows(tmp_path / "sharded") == _rows(tmp_path / "whole") == {f"case{k}" for k in range(5)}
+    for k in range(5):
+        a = nib.load(tmp_path / "whole" / f"case{k}.nii.gz")
+        b = nib.load(tmp_path / "sharded" / f"case{k}.nii.gz")
+        assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)) and np.array_equal(a.affine, b.affine)
+    for name in ("predict_summary.json", "predict_summary.csv"):
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "sharded" / name).read_text()
+    summary = json.loads((tmp_path / "whole" / "predict_summary.json").read_text())
+    assert [c["case"] for c in summary["cases"]] == [f"case{k}" for k in range(5)]
+
+
+def test_a_case_killed_between_its_output_and_its_row_is_redone(tiny_model, tmp_path):
+    inputs = _inputs(tmp_path / "in", n=2)
+    predict_folder(inputs, tmp_path / "out", tiny_model, tta=False)
+    # as if killed after case1's output was written: neither its row nor the summary are
+    (tmp_path / "out" / ".predict_summary" / "case1.json").unlink()
+    (tmp_path / "out" / "predict_summary.json").unlink()
+    assert [p.name for p in predict_folder(inputs, tmp_path / "out", tiny_model, tta=False)] == ["case1.nii.gz"]
+    assert _rows(tmp_path / "out") == {"case0", "case1"}
+
+
+def test_an_old_style_summary_keeps_its_cases_and_they_are_not_redone(tiny_model, tmp_path):
+    inputs = _inputs(tmp_path / "in", n=1)
+    predict_folder(inputs, tmp_path / "out", tiny_model, tta=False)
+    shutil.rmtree(tmp_path / "out" / ".predict_summary")  # written before row files existed
+    _inputs(inputs, n=1, first=1)
+    assert [p.name for p in predict_folder(inputs, tmp_path / "out", tiny_model, tta=False)] == ["case1.nii.gz"]
+    summary = json.loads((tmp_path / "out" / "predict_summary.json").read_text())
+    assert [c["case"] for c in summary["cases"]] == ["case0", "case1"]
+    assert pd.read_csv(tmp_path / "out" / "predict_summary.csv")["case"].tolist() == ["case0", "case1"]
+
+
+def test_the_qc_warning_names_only_this_runs_flagged_cases(tiny_model, tmp_path, caplog):
+    from medseg.plans.schema import ChosenModel, QualityControl
+
+    model = LoadedModel.load(tiny_model)
+    chosen = ChosenModel(members=model.members, folds={m: [0] for m in model.members}, cv_dice=0.0,
+                         cv_dice_per_class={}, cv_cases=0, decided="test",
+                         qc=QualityControl(threshold=-1.0, quantile=0.9, spearman_vs_dice=0.0, worst_flagged=""))
+    model = dataclasses.replace(model, chosen=chosen)  # every case scores above -1
+    inputs = _inputs(tmp_path / "in", n=1)
+    predict_folder(inputs, tmp_path / "out", model, PredictOptions(tta=False))
+    _inputs(inputs, n=1, first=1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medseg.inference.predictor"):
+        predict_folder(inputs, tmp_path / "out", model, PredictOptions(tta=False))
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "1 case(s) flagged" in warning and "case1" in warning and "case0" not in warning
+    assert json.loads((tmp_path / "out" / "predict_summary.json").read_text())["flagged"] == ["case0", "case1"]
+
+
+def test_a_dicom_case_is_logged_by_a_hash_of_its_uid():
+    uid = "1.2.826.0.1.3680043.8.498.1234"
+    case = InputCase(uid, [], ".nii.gz", SimpleNamespace(series_uid=uid))
+    assert re.fullmatch(r"series_[0-9a-f]{12}", _loggable_id(case))
+    assert _loggable_id(InputCase("case0", [], ".nii.gz")) == "case0"
+
+
+def _finish_shard(output, shard, n):
+    """One shard's cases finishing one by one: each writes its row and rebuilds the summary, which
+    then holds every row of this shard so far (another shard's rebuild can add rows, never drop them)."""
+    for k in range(n):
+        case = f"s{shard}c{k:02d}"
+        atomic_write_json(output / ".predict_summary" / f"{case}.json",
+                          {"case": case, "source": case, "qc_score": 0.0, "flagged": False})
+        write_summary(output, ["3d_fullres"], None)
+        have = {c["case"] for c in json.loads((output / "predict_summary.json").read_text())["cases"]}
+        assert {f"s{shard}c{j:02d}" for j in range(k + 1)} <= have
+
+
+def test_concurrent_shards_writing_the_summary_lose_no_rows(tmp_path):
+    """4 processes, each finishing 15 cases, rebuild the summary after each; no rebuild loses a row
+    (without the lock, some do in every run), and the last one holds all 60."""
+    with ProcessPoolExecutor(4) as pool:
+        for f in [pool.submit(_finish_shard, tmp_path, shard, 15) for shard in range(4)]:
+            f.result()
+    expected = sorted(f"s{s}c{k:02d}" for s in range(4) for k in range(15))
+    assert [c["case"] for c in json.loads((tmp_path / "predict_summary.json").read_text())["cases"]] == expected
+    assert pd.read_csv(tmp_path / "predict_summary.csv")["case"].tolist() == expected
+
+
+@pytest.mark.parametrize(("num_parts", "part", "message"), [(3, 3, "--part 3: expected 0..2 for --num-parts 3"),
+                                                            (3, -1, "--part -1: expected 0..2"),
+                                                            (0, 0, "--num-parts 0: expected 1 or more")])
+def test_a_bad_shard_is_refused(tiny_model, tmp_path, num_parts, part, message):
+    inputs = _inputs(tmp_path / "in", n=1)
+    with pytest.raises(MedsegError, match=re.escape(message)):
+        predict_folder(inputs, tmp_path / "out", tiny_model, tta=False, num_parts=num_parts, part=part)
+    assert not (tmp_path / "out").exists()

@@ -393,7 +393,9 @@ def job_table(workdir: Path) -> list[JobRow]:
     for r in records:
         s = states.get(r.job_id)
         if s is None:
-            state = "ended" if Path(r.stdout).with_name(f"{r.job_id}_0_result.pkl").exists() else "unknown"
+            state = ("ended (no longer known to the scheduler; see the log)"
+                     if Path(r.stdout).with_name(f"{r.job_id}_0_result.pkl").exists()
+                     else "not known to the scheduler (cancelled before it started, or ended long ago)")
         else:
             state = s.state + (f" ({s.reason})" if s.reason not in ("", "None") else "")
             if s.restarts:

@@ -11,6 +11,7 @@ folds, postprocessing and QC threshold.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -51,10 +52,12 @@ class InputCase:
     series: Series | None = None  # a DICOM series (files are its slices)
 
 
+def _hashed_uid(uid: str) -> str:
+    return "series_" + hashlib.sha1(uid.encode()).hexdigest()[:12]
+
+
 def _dicom_case_id(series: Series) -> str:
-    if re.fullmatch(r"[0-9.]+", series.series_uid):
-        return series.series_uid
-    return "series_" + hashlib.sha1(series.series_uid.encode()).hexdigest()[:12]
+    return series.series_uid if re.fullmatch(r"[0-9.]+", series.series_uid) else _hashed_uid(series.series_uid)
 
 
 def find_inputs(path: Path, num_channels: int, channel_names: list[str] | None = None,
@@ -265,6 +268,11 @@ class PredictOptions:
     - ``series``: which DICOM series, see :class:`medseg.io.dicom.SeriesSelector`.
     - ``output_format``: ``nifti``; ``dicom-seg`` (or ``both``) writes ``<case>.dcm``, a DICOM SEG
       referencing the source series, for DICOM inputs.
+    - ``num_parts``/``part``: predict only shard ``part`` of ``num_parts``: every ``num_parts``-th
+      case of the sorted case ids from the ``part``-th on (disjoint, the same on every run). Shards
+      may write into one folder at the same time: each case leaves its summary row in
+      ``OUT/.predict_summary/``, and ``predict_summary.json/.csv`` is rebuilt from all rows under a
+      file lock.
     - ``progress``: a progress bar on stderr.
     """
 
@@ -277,6 +285,8 @@ class PredictOptions:
     overwrite: bool = False
     series: str | None = None
     output_format: OutputFormat = "nifti"
+    num_parts: int = 1
+    part: int = 0
     progress: bool = False
 
 
@@ -292,6 +302,13 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
     memory, which has its own (giving them too is an error). ``options``: how to predict;
     ``overrides`` replace single fields of it (``predict_folder(src, dst, work, tta=False)``)."""
     options = dataclasses.replace(options or PredictOptions(), **overrides)
+    if options.output_format not in get_args(OutputFormat):
+        raise MedsegError(f"--output-format {options.output_format!r}: expected nifti, dicom-seg or both")
+    if options.num_parts < 1:
+        raise MedsegError(f"--num-parts {options.num_parts}: expected 1 or more")
+    if not 0 <= options.part < options.num_parts:
+        raise MedsegError(f"--part {options.part}: expected 0..{options.num_parts - 1} for --num-parts "
+                          f"{options.num_parts}")
     if isinstance(model, LoadedModel):
         given = [name for name, value in (("config_name", config_name), ("folds", folds), ("device", device))
                  if value is not None]
@@ -307,9 +324,10 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
             gated = [k for k, c in plans.configurations.items() if c.architecture.blocks.attention_gates]
             raise MedsegError(f"{model.workdir}: configuration {ungated[0]} has no attention gates to save"
                               + (f"; choose one that has: {', '.join(gated)}" if gated else ""))
-    if options.output_format not in get_args(OutputFormat):
-        raise MedsegError(f"--output-format {options.output_format!r}: expected nifti, dicom-seg or both")
     cases = find_inputs(inputs, len(plans.channel_names), plans.channel_names, options.series)
+    if options.num_parts > 1:
+        n_all, cases = len(cases), cases[options.part::options.num_parts]
+        log.info("shard %d of %d: %d of %d case(s)", options.part, options.num_parts, len(cases), n_all)
     seg_out, nifti_out = options.output_format in ("dicom-seg", "both"), options.output_format in ("nifti", "both")
     if seg_out and any(c.series is None for c in cases):
         raise MedsegError(f"{inputs}: --output-format {options.output_format} needs DICOM input (a DICOM SEG "
@@ -324,10 +342,12 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
     def main_output(c: InputCase) -> Path:
         return output / (f"{c.case_id}{c.suffix}" if nifti_out else f"{c.case_id}.dcm")
 
-    todo = [c for c in cases if options.overwrite or not main_output(c).exists()]
+    # a case is done once its output and its summary row exist (a kill between the two redoes it)
+    done = _summary_cases(output)
+    todo = [c for c in cases if options.overwrite or not main_output(c).exists() or c.case_id not in done]
     if len(todo) < len(cases):
         log.info("skipping %d case(s) already predicted (use --overwrite to redo)", len(cases) - len(todo))
-    rows = []
+    flagged = []
     for case in track(todo, total=len(todo), description="predict", enabled=options.progress):
         image, geometry = read_input(case, len(plans.channel_names))
         preds = [predict_case(s, image, geometry, step=options.step, tta=tta, device=model.device,
@@ -349,33 +369,62 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
         if nifti_out:
             write_image(out_path, seg, geometry, np.uint8)
         score = float(np.mean(pred.qc_scores))
-        rows.append({"case": case.case_id, "source": case.series.label() if case.series else str(case.files[0]),
-                     "qc_score": score,
-                     "flagged": bool(threshold is not None and score > threshold),
-                     "foreground_voxels": int((seg > 0).sum())})
+        row = {"case": case.case_id, "source": case.series.label() if case.series else str(case.files[0]),
+               "qc_score": score, "flagged": bool(threshold is not None and score > threshold),
+               "foreground_voxels": int((seg > 0).sum())}
+        atomic_write_json(_summary_rows(output) / f"{case.case_id}.json", row)
+        if row["flagged"]:
+            flagged.append(case)
         written.append(main_output(case))
-    if rows:
-        _write_summary(output, rows, members, threshold)
+    write_summary(output, members, threshold)
+    if flagged:
+        log.warning("QC: %d case(s) flagged as likely failures (score > %.4f): %s (see predict_summary.json)",
+                    len(flagged), threshold, ", ".join(_loggable_id(c) for c in flagged))
     return written
 
 
-def _write_summary(output: Path, rows: list[dict], members: list[str], threshold: float | None) -> None:
-    """Merge this run's cases into ``predict_summary.json`` / ``.csv`` (earlier runs' cases are kept)."""
+def _summary_rows(output: Path) -> Path:
+    """The folder of one JSON row per predicted case, so that shards writing into one folder lose none."""
+    return output / ".predict_summary"
+
+
+def _loggable_id(case: InputCase) -> str:
+    """The case id, or for DICOM input (named by SeriesInstanceUID) a hash of its UID."""
+    return case.case_id if case.series is None else _hashed_uid(case.series.series_uid)
+
+
+def _summary_cases(output: Path) -> dict[str, dict]:
+    """Every case row in ``output`` by case id: the row files, and the cases of an older
+    ``predict_summary.json`` that have none."""
+    rows = {}
     path = output / "predict_summary.json"
-    old = {}
     if path.exists():
         try:
-            old = {r["case"]: r for r in json.loads(path.read_text()).get("cases", [])}
-        except (ValueError, KeyError):
-            old = {}
-    old.update({r["case"]: r for r in rows})
-    merged = [old[k] for k in sorted(old)]
-    flagged = [r["case"] for r in merged if r["flagged"]]
-    atomic_write_json(path, {"configurations": members, "qc_threshold": threshold,
-                             "qc_score": "mean normalised predictive entropy inside the predicted foreground",
-                             "flagged": flagged, "cases": merged})
-    with atomic_path(output / "predict_summary.csv") as tmp:
-        pd.DataFrame(merged).to_csv(tmp, index=False)
-    if flagged:
-        log.warning("QC: %d case(s) flagged as likely failures (score > %.4f): %s", len(flagged), threshold,
-                    ", ".join(flagged))
+            rows = {r["case"]: r for r in json.loads(path.read_text()).get("cases", [])}
+        except (ValueError, KeyError, AttributeError, TypeError):
+            rows = {}
+    rows_dir = _summary_rows(output)
+    # names starting with a dot are rows still being written (atomic_path's temporary files)
+    for f in sorted(rows_dir.glob("[!.]*.json")) if rows_dir.is_dir() else []:
+        row = json.loads(f.read_text())
+        rows[row["case"]] = row
+    return rows
+
+
+def write_summary(output: Path, members: list[str], threshold: float | None) -> None:
+    """Rebuild ``predict_summary.json`` / ``.csv`` from every case row in ``output`` (see
+    :func:`_summary_cases`) while holding an exclusive lock on ``output/.predict_summary.lock``, so
+    that concurrent shards lose no rows: the last summary written has every case. No rows, no summary."""
+    output = Path(output)
+    with open(output / ".predict_summary.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = _summary_cases(output)
+        if not rows:
+            return
+        merged = [rows[k] for k in sorted(rows)]
+        atomic_write_json(output / "predict_summary.json", {
+            "configurations": members, "qc_threshold": threshold,
+            "qc_score": "mean normalised predictive entropy inside the predicted foreground",
+            "flagged": [r["case"] for r in merged if r["flagged"]], "cases": merged})
+        with atomic_path(output / "predict_summary.csv") as tmp:
+            pd.DataFrame(merged).to_csv(tmp, index=False)
