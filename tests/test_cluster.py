@@ -128,6 +128,29 @@ def test_settings_merge_file_and_options(tmp_path):
         ClusterConfig.load(work.cluster_config)
 
 
+def test_a_cascade_stage_is_a_second_array_after_its_previous_stage(tmp_path, monkeypatch):
+    """The dependency graph alone (the submissions are recorded, not sent; the real sbatch path is
+    the cluster tests' below)."""
+    from medseg.cluster import jobs
+
+    sent = []
+
+    def record(work, batch, cluster, *, after=(), gpus=True):
+        ids = [f"{len(sent) + 1}_{k}" for k in range(len(batch))] if len(batch) > 1 else [f"{len(sent) + 1}"] * len(batch)
+        sent.append(([j.name for j in batch], sorted(after)))
+        return ids
+
+    monkeypatch.setattr(jobs, "submit", record)
+    ids = jobs.submit_training(tmp_path, ["3d_lowres", "3d_cascade_fullres", "2d"], "all", ClusterConfig(),
+                               after=["9"], num_folds=2)
+    assert sent == [
+        (["train 3d_lowres fold 0", "train 3d_lowres fold 1", "train 2d fold 0", "train 2d fold 1"], ["9"]),
+        (["train 3d_cascade_fullres fold 0", "train 3d_cascade_fullres fold 1"], ["1_0", "1_1", "9"]),
+        (["cross-validation report 3d_lowres,3d_cascade_fullres,2d"], ["1_0", "1_1", "1_2", "1_3", "2_0", "2_1", "9"]),
+    ]
+    assert ids == {"train": ["1_0", "1_1", "1_2", "1_3", "2_0", "2_1"], "crossval": ["3"]}
+
+
 def test_jobs_without_a_reachable_scheduler_is_one_line_error(tmp_path):
     work = WorkDir(tmp_path)
     work.jobs.mkdir()

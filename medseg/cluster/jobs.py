@@ -284,32 +284,39 @@ def submit_plan(dataset: Path, workdir: Path, cluster: ClusterConfig, **options:
 def submit_training(workdir: Path, configs: list[str], fold_spec: str, cluster: ClusterConfig, *,
                     after: list[str] = (), num_folds: int | None = None, **options: Any) -> dict[str, list[str]]:
     """One job array over (configuration × fold), and, for cross-validation folds with validation,
-    the out-of-fold report as a job after it. Folds already done are not submitted.
-    ``num_folds``: the number of cross-validation folds when the work directory is not planned yet
-    (a chain that starts with ``plan``)."""
+    the out-of-fold report as a job after it. Folds already done are not submitted. A cascade stage
+    whose previous stage is submitted too is a second array, after the previous stage's folds
+    (it trains on their out-of-fold predictions). ``num_folds``: the number of cross-validation
+    folds when the work directory is not planned yet (a chain that starts with ``plan``)."""
     from medseg.orchestration.crossval import parse_folds  # deferred
 
     work = WorkDir(Path(workdir).resolve())
     validate = options.get("validate_full", True)
-    jobs, cv_configs = [], []
+    waves: list[list[Job]] = [[], []]  # configurations, then cascade stages after their previous stage
+    cv_configs, previous = [], {}
     for name in configs:
         if num_folds is None:
-            key = Plans.load(work.plans).config(name).key
+            config = Plans.load(work.plans).config(name)
+            key, previous[config.key] = config.key, config.previous_stage
             folds = parse_folds(work, key, fold_spec)
         else:
-            key = name
+            key, previous[name] = name, "3d_lowres" if name == "3d_cascade_fullres" else None
             folds = list(range(num_folds)) if fold_spec.strip().lower() in ("all", "cv") else parse_folds(work, key,
                                                                                                              fold_spec)
+        wave = waves[1] if previous[key] in configs else waves[0]
         for fold in folds:
             run = work.run(key, fold)
             if run.validated or (run.trained and not (validate and fold != FULL)):
                 log.info("%s fold %s: already trained (%s); not submitted", key, fold, run.path)
                 continue
-            jobs.append(Job(TrainTask(str(work.root), key, fold, {"progress": False, **options}), "train",
+            wave.append(Job(TrainTask(str(work.root), key, fold, {"progress": False, **options}), "train",
                             f"train {key} fold {fold}", config=key, fold=fold))
         if validate and FULL not in folds:
             cv_configs.append(key)
-    train_ids = submit(work, jobs, cluster, after=after)
+    train_ids = submit(work, waves[0], cluster, after=after)
+    stages = {j.config for j in waves[1]}
+    first = [i for j, i in zip(waves[0], train_ids, strict=True) if j.config in {previous[c] for c in stages}]
+    train_ids += submit(work, waves[1], cluster, after=[*after, *first])
     cv_ids = []
     if cv_configs:
         cv_ids = submit(work, [Job(CrossvalTask(str(work.root), cv_configs), "crossval",
