@@ -148,7 +148,7 @@ def test_a_cascade_stage_is_a_second_array_after_its_previous_stage(tmp_path, mo
         (["train 3d_cascade_fullres fold 0", "train 3d_cascade_fullres fold 1"], ["1_0", "1_1", "9"]),
         (["cross-validation report 3d_lowres,3d_cascade_fullres,2d"], ["1_0", "1_1", "1_2", "1_3", "2_0", "2_1", "9"]),
     ]
-    assert ids == {"train": ["1_0", "1_1", "1_2", "1_3", "2_0", "2_1"], "crossval": ["3"]}
+    assert ids == {"train": ["1_0", "1_1", "1_2", "1_3", "2_0", "2_1"], "cv-report": ["3"]}
 
 
 def test_jobs_without_a_reachable_scheduler_is_one_line_error(tmp_path):
@@ -180,7 +180,7 @@ def test_fold_array_equals_local_and_find_best_waits_for_it(slurm, tmp_path):
     _medseg("train", cluster, "-c", "3d_fullres", "-f", "all", "--epochs", "2", *JOB)
     _medseg("find-best", cluster, *JOB)
     records = read_registry(WorkDir(cluster))
-    assert [r.kind for r in records] == ["train", "train", "crossval", "find-best"]
+    assert [r.kind for r in records] == ["train", "train", "cv-report", "find-best"]
     train_ids = [r.job_id for r in records if r.kind == "train"]
     assert len({j.split("_")[0] for j in train_ids}) == 1  # one array
     find_best = records[-1]
@@ -205,7 +205,7 @@ def test_fold_array_equals_local_and_find_best_waits_for_it(slurm, tmp_path):
     assert "train 3d_fullres fold 1" in shown and "find-best" in shown
     # a second submission finds every fold done and submits no training
     _medseg("train", cluster, "-c", "3d_fullres", "-f", "all", "--epochs", "2", *JOB)
-    assert [r.kind for r in read_registry(WorkDir(cluster))][4:] == ["crossval"]
+    assert [r.kind for r in read_registry(WorkDir(cluster))][4:] == ["cv-report"]
 
 
 @needs_slurm
@@ -337,7 +337,7 @@ def test_pipeline_submits_the_whole_chain_at_once(slurm, tmp_path):
     assert time.monotonic() - t < 60 and not WorkDir(work).plans.exists()  # returned before the plan job ran
     assert "submitted plan" in shown and "submitted predict" in shown
     records = read_registry(WorkDir(work))
-    assert [r.kind for r in records] == ["plan"] + ["train"] * 4 + ["crossval", "find-best", "predict", "predict"]
+    assert [r.kind for r in records] == ["plan"] + ["train"] * 4 + ["cv-report", "find-best", "predict", "predict"]
     assert records[1].depends_on == [records[0].job_id]
     states = _wait(lambda: _ended([r.job_id for r in records]), "the pipeline", slurm, timeout=400)
     assert set(states.values()) == {"COMPLETED"}, (states, _job_log(work))

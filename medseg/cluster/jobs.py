@@ -190,7 +190,7 @@ def _require_folds(work: WorkDir, plans: Plans, key: str) -> None:
 @dataclass
 class JobRecord:
     job_id: str
-    kind: str  # plan, train, crossval, find-best, predict
+    kind: str  # plan, train, cv-report, find-best, predict
     name: str
     stdout: str
     stderr: str
@@ -319,10 +319,10 @@ def submit_training(workdir: Path, configs: list[str], fold_spec: str, cluster: 
     train_ids += submit(work, waves[1], cluster, after=[*after, *first])
     cv_ids = []
     if cv_configs:
-        cv_ids = submit(work, [Job(CrossvalTask(str(work.root), cv_configs), "crossval",
+        cv_ids = submit(work, [Job(CrossvalTask(str(work.root), cv_configs), "cv-report",
                                    f"cross-validation report {','.join(cv_configs)}")],
                         cluster, after=[*after, *train_ids], gpus=False)
-    return {"train": train_ids, "crossval": cv_ids}
+    return {"train": train_ids, "cv-report": cv_ids}
 
 
 def submit_find_best(workdir: Path, cluster: ClusterConfig, *, configs: list[str] | None = None,
@@ -331,7 +331,7 @@ def submit_find_best(workdir: Path, cluster: ClusterConfig, *, configs: list[str
     work directory the scheduler still knows as not ended (or ``after``) have succeeded."""
     work = WorkDir(Path(workdir).resolve())
     if after is None:
-        pending = [r.job_id for r in read_registry(work) if r.kind in ("plan", "train", "crossval")]
+        pending = [r.job_id for r in read_registry(work) if r.kind in ("plan", "train", "cv-report")]
         states = slurm.query(pending) if pending else {}
         after = [j for j, s in states.items() if not slurm.is_ended(s)]
     return submit(work, [Job(FindBestTask(str(work.root), configs), "find-best", "find-best")], cluster,
@@ -369,7 +369,7 @@ def submit_pipeline(dataset: Path, workdir: Path, configs: list[str], cluster: C
     ids = {"plan": submit_plan(dataset, work.root, cluster, configs=configs, **plan_options)}
     ids.update(submit_training(work.root, configs, "all", cluster, after=ids["plan"], num_folds=num_folds,
                                **train_options))
-    ids["find-best"] = submit_find_best(work.root, cluster, configs=configs, after=ids["crossval"])
+    ids["find-best"] = submit_find_best(work.root, cluster, configs=configs, after=ids["cv-report"])
     if predict is not None:
         ids["predict"] = submit_predict(predict[0], predict[1], work.root, cluster, options=predict_options or {},
                                         load={}, shards=shards, after=ids["find-best"])
