@@ -334,7 +334,7 @@ def test_pipeline_submits_the_whole_chain_at_once(slurm, tmp_path):
     shown = _medseg("pipeline", ds, "-o", work, "-c", "3d_fullres", "--time-budget", "1", "--epochs", "1",
                     "--iterations-per-epoch", "2", "--predict-input", ds / "imagesTr", "--predict-output", out,
                     "--shards", "2", *JOB).stderr
-    assert time.monotonic() - t < 60 and not WorkDir(work).plans.exists()  # returned before the plan job ran
+    assert time.monotonic() - t < 60  # returned at once (the plan job may already have run: it is quick here)
     assert "submitted plan" in shown and "submitted predict" in shown
     records = read_registry(WorkDir(work))
     assert [r.kind for r in records] == ["plan"] + ["train"] * 4 + ["cv-report", "find-best", "predict", "predict"]
