@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import slurm_cluster  # noqa: E402
 
+from medseg.cluster import slurm  # noqa: E402
 from medseg.cluster.jobs import read_registry  # noqa: E402
 from medseg.networks.checkpoint import load_checkpoint  # noqa: E402
 from medseg.utils import atomic_write_json  # noqa: E402
@@ -44,18 +45,14 @@ def _run(*args, env=None) -> None:
     subprocess.run([*MEDSEG, *map(str, args)], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def _state(job_id: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True).stdout
-    return dict(t.split("=", 1) for t in out.split() if "=" in t).get("JobState", "?")
-
-
 def _slurm_timing(base: Path, work: Path, cpus: int, epochs: int) -> float:
     shutil.copytree(base, work, symlinks=True)
     t = time.perf_counter()
     _run("train", work, "-f", "all", "--epochs", epochs, "--executor", "slurm", "--cpus-per-job", cpus, "--time", 60)
     ids = [r.job_id for r in read_registry(WorkDir(work))]
     while True:
-        states = [_state(j) for j in ids]
+        known = slurm.query(ids)
+        states = [known[j].state if j in known else "?" for j in ids]
         if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states):
             break
         time.sleep(0.5)

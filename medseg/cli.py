@@ -100,10 +100,11 @@ def cluster_options(command: Callable) -> Callable:
                 raise MedsegError(f"{used[0]} needs --executor slurm")
             return command(cluster=None, **kwargs)
 
-        def settings(workdir: Path):
-            from medseg.cluster.config import ClusterConfig, parse_slurm_options
+        from medseg.cluster.config import ClusterConfig, parse_slurm_options  # deferred: only for slurm
 
-            given["slurm"] = parse_slurm_options(given["slurm"])
+        given["slurm"] = parse_slurm_options(given["slurm"])
+
+        def settings(workdir: Path):
             return ClusterConfig.load(WorkDir(workdir).cluster_config).merged(**given)
 
         return command(cluster=settings, **kwargs)

@@ -176,9 +176,9 @@ class PredictTask(submitit.helpers.Checkpointable):
 def _require_folds(work: WorkDir, plans: Plans, key: str) -> None:
     missing = [f for f in cv_folds(work, plans, plans.config(key)) if not work.run(key, f).validated]
     if missing:
-        records = {(r.config, str(r.fold)): r for r in read_registry(work) if r.kind == "train"}
-        rec = records.get((key, str(missing[0]))) or next(
-            (r for (c, f), r in records.items() if f == str(missing[0]) and plans.config(c).key == key), None)
+        # train records hold the configuration's key (TrainTask is given it)
+        records = {(r.config, r.fold): r for r in read_registry(work) if r.kind == "train"}
+        rec = records.get((key, str(missing[0])))
         where = f" (job {rec.job_id}; log {rec.stderr})" if rec else ""
         raise MedsegError(f"{work.root}: {key} fold {missing[0]} is not trained and validated{where}; "
                           f"fix it and run `medseg train {work.root} -c {key} -f {missing[0]}` again")
@@ -294,9 +294,10 @@ def submit_training(workdir: Path, configs: list[str], fold_spec: str, cluster: 
     validate = options.get("validate_full", True)
     waves: list[list[Job]] = [[], []]  # configurations, then cascade stages after their previous stage
     cv_configs, previous = [], {}
+    plans = Plans.load(work.plans) if num_folds is None else None
     for name in configs:
-        if num_folds is None:
-            config = Plans.load(work.plans).config(name)
+        if plans is not None:
+            config = plans.config(name)
             key, previous[config.key] = config.key, config.previous_stage
             folds = parse_folds(work, key, fold_spec)
         else:
