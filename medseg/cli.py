@@ -213,6 +213,11 @@ def train(
     device: str = typer.Option(None, "--device"),
     workers: int = typer.Option(None, "--workers", help="Augmentation processes (default: 1 on CPU, up to 8 on CUDA)."),
     no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full validation."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (torch.distributed; the plan's batch is "
+                              "split among them): on this machine, or with --executor slurm per node (default "
+                              "there: --gpus-per-node)."),
+    nodes: int = typer.Option(None, "--nodes", help="Slurm: nodes per training job (distributed over all of them)."),
+    gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="Slurm: GPUs per node, one process each."),
     cluster=None,
 ) -> None:
     """Train one fold, all five (-f all) or one model on every case (-f full) of a configuration."""
@@ -222,15 +227,24 @@ def train(
         from medseg.cluster.jobs import submit_training
 
         # the device is chosen on the node (CUDA when the job has a GPU) unless --device says
-        _print_jobs(submit_training(workdir, _configs(config), fold, cluster(workdir), device=device, **options))
+        _print_jobs(submit_training(workdir, _configs(config), fold, cluster(workdir), device=device,
+                                    nodes=nodes, gpus_per_node=gpus_per_node,
+                                    tasks_per_node=nproc if nproc > 1 else None, **options))
         return
-    from medseg.orchestration.crossval import parse_folds, train_folds
+    if nodes or gpus_per_node:
+        raise MedsegError(f"{'--nodes' if nodes else '--gpus-per-node'} needs --executor slurm")
+    from medseg.orchestration.crossval import train_configs
 
-    for name in _configs(config):
-        folds = parse_folds(workdir, name, fold)
-        summary = train_folds(workdir, name, folds, resume=resume, device=_device(device), progress=True, **options)
-        for line in summary:
-            console.print(line)
+    args = (workdir, _configs(config), fold)
+    kwargs = {"resume": resume, "device": _device(device), "progress": True, **options}
+    if nproc > 1:
+        from medseg.training.distributed import launch
+
+        summary = launch(nproc, train_configs, *args, **kwargs)
+    else:
+        summary = train_configs(*args, **kwargs)
+    for line in summary:
+        console.print(line)
 
 
 @app.command()
@@ -264,6 +278,9 @@ def predict(
                                   "shards (sorted case ids, every N-th) and predict only --part of them."),
     part: int = typer.Option(0, "--part", help="Which shard, 0..N-1; several shards may write into one folder."),
     shards: int = typer.Option(None, "--shards", help="Slurm: one job array of this many shards."),
+    stitch_device: str = typer.Option("auto", "--stitch-device",
+                                      help="Where the sliding window's stitched output lives: auto (the GPU when "
+                                           "it fits comfortably in its free memory, else the CPU), cpu or cuda:N."),
     cluster=None,
 ) -> None:
     """Segment new images; outputs have the input's exact geometry. Writes predict_summary.json/.csv
@@ -273,7 +290,7 @@ def predict(
         fold_list = [f if not f.isdigit() else int(f) for f in _configs(folds)]
     fields = {"step": step, "tta": tta, "save_probabilities": save_probabilities, "save_attention": save_attention,
               "save_uncertainty": save_uncertainty, "postprocess": not no_postprocessing, "overwrite": overwrite,
-              "series": series, "output_format": output_format}
+              "series": series, "output_format": output_format, "stitch_device": stitch_device}
     if cluster is not None:
         from medseg.cluster.jobs import submit_predict
 

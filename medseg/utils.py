@@ -6,6 +6,7 @@ import difflib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -113,16 +114,21 @@ def look_up(name: str, options: Iterable[str], what: str) -> str:
     raise MedsegError(f"unknown {what} {name!r}{hint} Available: {', '.join(options)}")
 
 
-def resolve_device(device: str | None) -> str:
-    """'cuda' when available unless told otherwise; 'cpu' else (``cpu`` without importing torch)."""
+def resolve_device(device: str | None, *, what: str = "--device") -> str:
+    """'cuda' when available unless told otherwise; 'cpu' else (``cpu`` without importing torch).
+    ``device``: None or ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N below the number of CUDA devices).
+    ``what`` names the setting in the one-line MedsegError (``--device``, or a config file's field)."""
     if device == "cpu":
         return device
-    if device not in (None, "auto") and not device.startswith("cuda"):
-        raise MedsegError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if device not in (None, "auto") and re.fullmatch(r"cuda(:\d+)?", device) is None:
+        raise MedsegError(f"{what} {device}: expected cpu, cuda or cuda:N (or auto)")
     import torch  # deferred: ~2 s on 2 cores, which `--device cpu` and torch-free commands never pay
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MedsegError(f"--device {device}: CUDA is not available on this machine")
+    if not torch.cuda.is_available():
+        raise MedsegError(f"{what} {device}: CUDA is not available on this machine")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise MedsegError(f"{what} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -105,7 +105,12 @@ class TrainTask(submitit.helpers.Checkpointable):
             return str(run.path)
         options = {**self.options, "device": resolve_device(self.options.get("device"))}
         # a trained fold that was not validated resumes at its last epoch: it only validates
-        train_and_validate(work, key, self.fold, resume=run.latest.exists(), **options)
+        try:  # each of a distributed job's tasks (srun) joins the group from Slurm's variables
+            train_and_validate(work, key, self.fold, resume=run.latest.exists(), **options)
+        finally:
+            from medseg.training import distributed  # deferred
+
+            distributed.leave()
         return str(run.path)
 
 
@@ -241,14 +246,16 @@ class Job:
 
 
 def submit(work: WorkDir, jobs: list[Job], cluster: ClusterConfig, *, after: list[str] = (),
-           gpus: bool = True) -> list[str]:
+           gpus: bool = True, resources: dict[str, Any] | None = None) -> list[str]:
     """Submit ``jobs`` (several: one job array) to start when every job of ``after`` succeeded;
-    returns their ids (``123`` or ``123_0`` .. ``123_K``) and records them."""
+    returns their ids (``123`` or ``123_0`` .. ``123_K``) and records them. ``resources``: submitit
+    parameters over the cluster settings (a distributed job's nodes and tasks)."""
     if not jobs:
         return []
     folder = work.job_logs
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cluster.max_timeouts)
     params = cluster.sbatch_parameters() if gpus else cluster.merged(gpus_per_job=0).sbatch_parameters()
+    params.update(resources or {})
     if after:
         params["dependency"] = "afterok:" + ":".join(sorted({a.split("_")[0] for a in after}))
     executor.update_parameters(job_name=f"medseg-{jobs[0].kind}", **params)
@@ -281,15 +288,36 @@ def submit_plan(dataset: Path, workdir: Path, cluster: ClusterConfig, **options:
     return submit(work, [Job(task, "plan", f"plan {Path(dataset).name}")], cluster)
 
 
+def distributed_resources(nodes: int | None = None, gpus_per_node: int | None = None,
+                          tasks_per_node: int | None = None) -> dict[str, Any]:
+    """submitit parameters of a data-parallel training job: ``nodes`` × ``tasks_per_node`` ranks
+    (default: one per GPU), each run by srun; a rank that fails ends the step at once
+    (``--kill-on-bad-exit``) instead of leaving the others waiting for it. Empty for one process."""
+    tasks = tasks_per_node or gpus_per_node or 1
+    if (nodes or 1) * tasks <= 1 and not gpus_per_node:
+        return {}
+    if gpus_per_node and tasks != gpus_per_node:
+        raise MedsegError(f"--nproc {tasks} with --gpus-per-node {gpus_per_node}: one process per GPU")
+    resources: dict[str, Any] = {"nodes": nodes or 1, "ntasks_per_node": tasks, "srun_args": ["--kill-on-bad-exit=1"]}
+    if gpus_per_node:
+        resources["gpus_per_node"] = gpus_per_node
+    return resources
+
+
 def submit_training(workdir: Path, configs: list[str], fold_spec: str, cluster: ClusterConfig, *,
-                    after: list[str] = (), num_folds: int | None = None, **options: Any) -> dict[str, list[str]]:
+                    after: list[str] = (), num_folds: int | None = None, nodes: int | None = None,
+                    gpus_per_node: int | None = None, tasks_per_node: int | None = None,
+                    **options: Any) -> dict[str, list[str]]:
     """One job array over (configuration × fold), and, for cross-validation folds with validation,
     the out-of-fold report as a job after it. Folds already done are not submitted. A cascade stage
     whose previous stage is submitted too is a second array, after the previous stage's folds
     (it trains on their out-of-fold predictions). ``num_folds``: the number of cross-validation
-    folds when the work directory is not planned yet (a chain that starts with ``plan``)."""
+    folds when the work directory is not planned yet (a chain that starts with ``plan``).
+    ``nodes``, ``gpus_per_node``, ``tasks_per_node``: each fold is one data-parallel job of that
+    many ranks (:func:`distributed_resources`)."""
     from medseg.orchestration.crossval import parse_folds  # deferred
 
+    resources = distributed_resources(nodes, gpus_per_node, tasks_per_node)
     work = WorkDir(Path(workdir).resolve())
     validate = options.get("validate_full", True)
     waves: list[list[Job]] = [[], []]  # configurations, then cascade stages after their previous stage
@@ -314,10 +342,10 @@ def submit_training(workdir: Path, configs: list[str], fold_spec: str, cluster: 
                             f"train {key} fold {fold}", config=key, fold=fold))
         if validate and FULL not in folds:
             cv_configs.append(key)
-    train_ids = submit(work, waves[0], cluster, after=after)
+    train_ids = submit(work, waves[0], cluster, after=after, resources=resources)
     stages = {j.config for j in waves[1]}
     first = [i for j, i in zip(waves[0], train_ids, strict=True) if j.config in {previous[c] for c in stages}]
-    train_ids += submit(work, waves[1], cluster, after=[*after, *first])
+    train_ids += submit(work, waves[1], cluster, after=[*after, *first], resources=resources)
     cv_ids = []
     if cv_configs:
         cv_ids = submit(work, [Job(CrossvalTask(str(work.root), cv_configs), "cv-report",

@@ -42,7 +42,7 @@ from pynetdicom.sop_class import Verification
 from medseg.errors import MedsegError
 from medseg.inference.predictor import LoadedModel, PredictOptions, predict_folder
 from medseg.io.transfer_syntaxes import DECODABLE_TRANSFER_SYNTAXES
-from medseg.utils import atomic_write_bytes, load_json_model
+from medseg.utils import atomic_write_bytes, load_json_model, resolve_device
 from medseg.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class NodeConfig(BaseModel):
     idle_timeout_s: float = 5.0
     aborted_timeout_s: float = 120.0  # a series whose sender aborted waits this long for a resend
     concurrency: int = 1
-    device: str = "cpu"
+    device: str = "cpu"  # as `medseg predict --device`: cpu, cuda, cuda:N or auto (checked on load)
     tta: bool | None = None  # mirroring; None: as model.json decided on cross-validation (else on)
     output: Literal["dicom-seg"] = "dicom-seg"
 
@@ -86,6 +86,7 @@ class NodeConfig(BaseModel):
         plans = WorkDir(config.model_dir).plans
         if not plans.exists():
             raise MedsegError(f"{config.model_dir}: not a trained work directory (no {plans.name})")
+        config.device = resolve_device(config.device, what=f"{path}: device")
         return config
 
 
@@ -163,6 +164,7 @@ class Spool:
 
 class Node:
     def __init__(self, config: NodeConfig) -> None:
+        self.device = resolve_device(config.device, what="node device")  # a config built in code is checked too
         self.config = config
         self.spool = Spool(config.spool_dir)
         self.pool = ThreadPoolExecutor(max(1, config.concurrency))
@@ -267,7 +269,7 @@ class Node:
         """The model, read from ``model_dir`` once (threads share it: inference only reads it)."""
         with self._model_lock:
             if self._model is None:
-                self._model = LoadedModel.load(self.config.model_dir, device=self.config.device)
+                self._model = LoadedModel.load(self.config.model_dir, device=self.device)
                 log.info("model loaded from %s: %s", self.config.model_dir, "+".join(self._model.members))
             return self._model
 

@@ -18,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -29,15 +29,16 @@ from medseg.inference.postprocessing import apply_postprocessing
 from medseg.inference.sliding_window import predict_volume
 from medseg.inference.uncertainty import entropy_map
 from medseg.io.dataset import Case, read_case_image
-from medseg.io.dicom import Series, SeriesSelector, find_series, read_series, select_series
-from medseg.io.dicom_seg import write_dicom_seg
 from medseg.io.image import image_suffix, write_image
 from medseg.networks.checkpoint import load_checkpoint
 from medseg.networks.unet import build_network
 from medseg.plans.schema import ChosenModel, Configuration, Plans
 from medseg.preprocessing.pipeline import export_probability_maps, preprocess_image, prior_channels
 from medseg.progress import track
-from medseg.utils import atomic_path, atomic_write_json
+from medseg.utils import atomic_path, atomic_write_json, resolve_device
+
+if TYPE_CHECKING:
+    from medseg.io.dicom import Series
 from medseg.workdir import Fold, WorkDir
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ def find_inputs(path: Path, num_channels: int, channel_names: list[str] | None =
     else:
         raise MedsegError(f"{path}: input not found")
     if not files or series:
+        from medseg.io.dicom import SeriesSelector, find_series, select_series
+
         found = find_series(path)
         if found:
             chosen = select_series(found, channel_names or ["image"] * num_channels, SeriesSelector.parse(series), path)
@@ -100,6 +103,8 @@ def find_inputs(path: Path, num_channels: int, channel_names: list[str] | None =
 def read_input(case: InputCase, num_channels: int):
     """All channels of an input case as float32 (C, X, Y, Z) + geometry, checked against the model."""
     if case.series is not None:
+        from medseg.io.dicom import read_series
+
         image, geometry = read_series(case.series)
     else:
         image, geometry = read_case_image(Case(case.case_id, case.files, None))
@@ -175,27 +180,30 @@ class CasePrediction:
 
 def predict_case(stage: Stage, image: np.ndarray, geometry, *, step: float = 0.5, tta: bool = True,
                  device: str = "cpu", attention: bool = False, prior: np.ndarray | None = None,
-                 keep_unmirrored: bool = False) -> CasePrediction:
+                 keep_unmirrored: bool = False, stitch_device: str | None = None) -> CasePrediction:
     """Raw image (C, X, Y, Z) → :class:`CasePrediction` in the input grid. A cascade stage runs its
     previous stage first unless ``prior`` (that stage's label map in the input grid) is given.
-    ``keep_unmirrored`` also returns the pass without mirroring (free: it is one of the mirrorings)."""
+    ``keep_unmirrored`` also returns the pass without mirroring (free: it is one of the mirrorings).
+    ``stitch_device``: where the stitched probabilities live, see
+    :func:`~medseg.inference.sliding_window.predict_volume` (None: its rule)."""
     config = stage.config
     data, props = preprocess_image(image, geometry, config)
     if config.previous_stage:
         if prior is None:
-            prior = predict_case(stage.previous, image, geometry, step=step, tta=tta, device=device).segmentation
+            prior = predict_case(stage.previous, image, geometry, step=step, tta=tta, device=device,
+                                 stitch_device=stitch_device).segmentation
         data = np.concatenate([data, prior_channels(prior, props, config, stage.num_classes)])
     mirror = config.training.mirror_axes if tta else []
     scores: list[float] = []
     plain: list | None = [] if keep_unmirrored else None
     probs = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
-                           qc_scores=scores, unmirrored=plain)
+                           qc_scores=scores, unmirrored=plain, stitch_device=stitch_device)
     out = CasePrediction(export_probability_maps(probs, props, config), scores, bbox=props.bbox)
     if plain:
         out.unmirrored = export_probability_maps(plain[0], props, config)
     if attention:
         maps = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
-                              attention=True)
+                              attention=True, stitch_device=stitch_device)
         out.attention = export_probability_maps(maps, props, config, background_first=False)
     return out
 
@@ -274,6 +282,9 @@ class PredictOptions:
       ``OUT/.predict_summary/``, and ``predict_summary.json/.csv`` is rebuilt from all rows under a
       file lock.
     - ``progress``: a progress bar on stderr.
+    - ``stitch_device``: where the sliding window's stitched output and the sums over mirrorings
+      live: ``auto`` (the model's device when that output fits comfortably in its free memory, else
+      the CPU: :func:`~medseg.inference.sliding_window.choose_stitch_device`), ``cpu`` or a CUDA device.
     """
 
     step: float = 0.5
@@ -288,6 +299,7 @@ class PredictOptions:
     num_parts: int = 1
     part: int = 0
     progress: bool = False
+    stitch_device: str = "auto"
 
 
 def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, options: PredictOptions | None = None, *,
@@ -309,6 +321,8 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
     if not 0 <= options.part < options.num_parts:
         raise MedsegError(f"--part {options.part}: expected 0..{options.num_parts - 1} for --num-parts "
                           f"{options.num_parts}")
+    stitch_device = None if options.stitch_device == "auto" else resolve_device(options.stitch_device,
+                                                                                 what="--stitch-device")
     if isinstance(model, LoadedModel):
         given = [name for name, value in (("config_name", config_name), ("folds", folds), ("device", device))
                  if value is not None]
@@ -351,7 +365,7 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
     for case in track(todo, total=len(todo), description="predict", enabled=options.progress):
         image, geometry = read_input(case, len(plans.channel_names))
         preds = [predict_case(s, image, geometry, step=options.step, tta=tta, device=model.device,
-                              attention=options.save_attention) for s in model.stages]
+                              attention=options.save_attention, stitch_device=stitch_device) for s in model.stages]
         pred = ensemble(preds)
         seg = apply_postprocessing(pred.segmentation, pp)
         out_path = output / f"{case.case_id}{case.suffix}"
@@ -364,6 +378,8 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
             write_image(output / f"{case.case_id}_attention{case.suffix}", np.mean([p.attention for p in preds], 0),
                         geometry, np.float32)
         if seg_out:
+            from medseg.io.dicom_seg import write_dicom_seg
+
             write_dicom_seg(output / f"{case.case_id}.dcm", case.series, seg, plans.labels,
                             model_name=f"medseg {plans.dataset_name} {'+'.join(members)}")
         if nifti_out:

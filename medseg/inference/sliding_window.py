@@ -2,6 +2,13 @@
 
 A chain of small functions over any predictor callable: window (MONAI's Gaussian-weighted
 ``sliding_window_inference``) → mirror → softmax → mean over models.
+
+Windows run on the device of the input (the model's); the stitched output and every sum over
+mirrorings and models live on the *stitch device* (MONAI's ``sw_device`` / ``device`` split), so a
+large CT with many classes need not hold its full-size probabilities in GPU memory. The rule
+(:func:`choose_stitch_device`): on the compute device when :data:`STITCH_COPIES` full-size float32
+copies of the output take at most :data:`STITCH_FREE_SHARE` of the device's free memory, else on
+the CPU. On a CPU both are the CPU and nothing changes.
 """
 
 from __future__ import annotations
@@ -19,16 +26,49 @@ from medseg.inference.uncertainty import qc_score
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
+# Full-size float32 copies of the output that are alive at once at the worst point of
+# predict_volume: the running sum over models, the unmirrored pass kept on request, and inside
+# predict_logits_tta the sum over mirrorings, the stitched output or its softmax, its flip and the
+# new sum (MONAI's count map adds 1/K more).
+STITCH_COPIES = 6
+STITCH_FREE_SHARE = 0.5  # the other half stays for the windows' activations and the allocator's slack
+
+
+def stitched_bytes(batch: int, channels: int, spatial: Sequence[int]) -> int:
+    """Bytes of one stitched float32 output (N, K, *S)."""
+    return 4 * batch * channels * int(np.prod(spatial))
+
+
+def choose_stitch_device(compute: torch.device | str, batch: int, channels: int, spatial: Sequence[int],
+                         free_bytes: int | None = None) -> torch.device:
+    """Where the stitched output of a (N=batch, K=channels, *spatial) prediction lives: ``compute``
+    when :data:`STITCH_COPIES` copies of it fit in :data:`STITCH_FREE_SHARE` of the free memory of
+    ``compute`` (``free_bytes``, default ``torch.cuda.mem_get_info``), else the CPU. A CPU compute
+    device stitches on the CPU."""
+    compute = torch.device(compute)
+    if compute.type != "cuda":
+        return compute
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(compute)[0]
+    need = STITCH_COPIES * stitched_bytes(batch, channels, spatial)
+    return compute if need <= STITCH_FREE_SHARE * free_bytes else torch.device("cpu")
+
+
+def output_channels(predictor: Predictor, x: torch.Tensor, patch: Sequence[int]) -> int:
+    """The predictor's number of output channels, from one window of zeros (1, C, *patch) on ``x``'s device."""
+    return int(predictor(x.new_zeros((1, x.shape[1], *patch))).shape[1])
+
 
 def mirror_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
     """All subsets of the mirror axes (the empty one first)."""
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def _windowed(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], step: float, sw_batch: int) -> torch.Tensor:
+def _windowed(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], step: float, sw_batch: int,
+              stitch: torch.device) -> torch.Tensor:
     return sliding_window_inference(x, roi_size=tuple(patch), sw_batch_size=sw_batch, predictor=predictor,
                                     overlap=1.0 - step, mode="gaussian", sigma_scale=0.125, padding_mode="constant",
-                                    cval=0.0)
+                                    cval=0.0, sw_device=x.device, device=stitch)
 
 
 def _softmax(t: torch.Tensor) -> torch.Tensor:
@@ -39,17 +79,19 @@ def _softmax(t: torch.Tensor) -> torch.Tensor:
 def predict_logits_tta(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], *, step: float = 0.5,
                        mirror_axes: Sequence[int] = (), sw_batch: int = 2,
                        transform: Callable[[torch.Tensor], torch.Tensor] = _softmax,
-                       unmirrored: list | None = None) -> torch.Tensor:
+                       unmirrored: list | None = None, stitch_device: torch.device | str | None = None) -> torch.Tensor:
     """x: (N, C, *S) → ``transform`` of the stitched outputs (softmax probabilities (N, K, *S) by
     default), averaged over mirrorings of the spatial axes in ``mirror_axes`` (0-based spatial indices).
     ``unmirrored``: a list that receives the pass without mirroring (what ``mirror_axes=()`` gives),
-    at no extra cost."""
+    at no extra cost. Windows run on ``x``'s device; the result lives on ``stitch_device`` (default:
+    ``x``'s device)."""
+    stitch = torch.device(stitch_device) if stitch_device is not None else x.device
     total = None
     sets = mirror_sets(mirror_axes)
     for axes in sets:
         dims = [a + 2 for a in axes]
         xi = torch.flip(x, dims) if dims else x
-        p = transform(_windowed(predictor, xi, patch, step, sw_batch).float())
+        p = transform(_windowed(predictor, xi, patch, step, sw_batch, stitch).float())
         p = torch.flip(p, dims) if dims else p
         if not dims and unmirrored is not None:
             unmirrored.append(p)  # never changed in place below
@@ -72,11 +114,14 @@ def attention_predictor(model: torch.nn.Module) -> Predictor:
 
 def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: Sequence[int], *, step: float = 0.5,
                    mirror_axes: Sequence[int] = (), device: str = "cpu", attention: bool = False,
-                   qc_scores: list[float] | None = None, unmirrored: list | None = None) -> np.ndarray:
+                   qc_scores: list[float] | None = None, unmirrored: list | None = None,
+                   stitch_device: str | None = None) -> np.ndarray:
     """Preprocessed (C, *S) 3D volume → probabilities (K, *S), mean over ``models``; with
     ``attention``, the models' attention coefficients (gates, *S) instead. When ``qc_scores`` is a
     list, each model's :func:`~medseg.inference.uncertainty.qc_score` is appended to it; when
     ``unmirrored`` is a list, the probabilities without mirroring (mean over models) are appended.
+    Windows run on ``device`` (the models'); the stitched outputs on ``stitch_device``: None or
+    ``auto`` for :func:`choose_stitch_device`'s rule, else that device (``cpu``, ``cuda:N``).
 
     A 2D patch predicts slice by slice along axis 0 (the out-of-plane axis)."""
     x = torch.from_numpy(np.ascontiguousarray(data)).to(device)
@@ -89,15 +134,21 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
 
     total = None
     plain: list = [] if unmirrored is not None else None
+    stitch = None if stitch_device in (None, "auto") else torch.device(stitch_device)
+    if stitch is None and x.device.type != "cuda":
+        stitch = x.device  # the rule's answer off CUDA, without the probe
     for model in models:
         model.eval()
-        with autocast:
+        predictor = attention_predictor(model) if attention else model
+        with autocast, torch.inference_mode():
+            if stitch is None:  # the rule, decided once from the first model's output channels
+                stitch = choose_stitch_device(x.device, x.shape[0], output_channels(predictor, x, patch), x.shape[2:])
             if attention:
-                p = predict_logits_tta(attention_predictor(model), x, patch, step=step, mirror_axes=mirror_axes,
-                                       sw_batch=8 if two_d else 2, transform=lambda t: t)
+                p = predict_logits_tta(predictor, x, patch, step=step, mirror_axes=mirror_axes,
+                                       sw_batch=8 if two_d else 2, transform=lambda t: t, stitch_device=stitch)
             else:
                 p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2,
-                                       unmirrored=plain)
+                                       unmirrored=plain, stitch_device=stitch)
         if qc_scores is not None:
             qc_scores.append(qc_score(volume(p)))
         total = p if total is None else total + p

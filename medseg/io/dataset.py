@@ -19,8 +19,6 @@ from typing import Literal
 import numpy as np
 
 from medseg.errors import DatasetError
-from medseg.io.dicom import folder_series, series_geometry
-from medseg.io.dicom_seg import read_dicom_seg, segment_labels
 from medseg.io.geometry import Geometry
 from medseg.io.image import image_suffix, read_image
 
@@ -184,6 +182,8 @@ def _load_plain(root: Path) -> Dataset:
     for case in cases:
         if case.label is not None and case.label.exists():
             if is_dicom_seg(case.label):  # segment numbers and names from the SEG's headers
+                from medseg.io.dicom_seg import segment_labels
+
                 segments = segment_labels(case.label)
                 values.update(segments)
                 names.update({k: v for k, v in segments.items() if k not in names})
@@ -203,6 +203,8 @@ def _load_plain(root: Path) -> Dataset:
 
 
 def _series_modality(folder: Path) -> str:
+    from medseg.io.dicom import folder_series
+
     return folder_series(folder).modality or "channel"
 
 
@@ -221,6 +223,9 @@ def read_label_file(path: Path, images: Sequence[Path]) -> tuple[np.ndarray, Geo
         raise DatasetError(f"{path}: file not found")
     if not images or not Path(images[0]).is_dir():
         raise DatasetError(f"{path}: a DICOM SEG label needs the case image to be a DICOM series folder")
+    from medseg.io.dicom import folder_series, series_geometry
+    from medseg.io.dicom_seg import read_dicom_seg
+
     series = folder_series(Path(images[0]))
     return read_dicom_seg(path, series)[None], series_geometry(series)
 

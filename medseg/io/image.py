@@ -11,15 +11,17 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from medseg.errors import DatasetError
-from medseg.io.dicom import read_series_folder
 from medseg.io.geometry import LPS_TO_RAS, Geometry
 from medseg.utils import atomic_path
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -45,6 +47,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     suffix = image_suffix(path)
     if path.is_dir() and not suffix:  # a dataset case as a folder holding one DICOM series
+        from medseg.io.dicom import read_series_folder  # deferred: pydicom, SimpleITK (DICOM only)
+
         return read_series_folder(path)
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
@@ -81,11 +85,15 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk  # deferred: NRRD/MHA only
+
     return from_sitk(sitk.ReadImage(str(path)), path)
 
 
 def from_sitk(img: sitk.Image, path: Path | str) -> tuple[np.ndarray, Geometry]:
     """A SimpleITK image (LPS) → ``(C, X, Y, Z)`` array + RAS :class:`Geometry`; ``path`` names it in errors."""
+    import SimpleITK as sitk
+
     arr = sitk.GetArrayFromImage(img)  # (Z, Y, X[, C])
     dim = img.GetDimension()
     if img.GetNumberOfComponentsPerPixel() > 1:
@@ -139,6 +147,8 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, dtype: 
                 img.set_sform(geometry.affine, code=int(header["sform_code"]) or 1)
             nib.save(img, str(tmp))
         else:
+            import SimpleITK as sitk
+
             sitk.WriteImage(_to_sitk(array, geometry), str(tmp), useCompression=True)
 
 
@@ -146,6 +156,8 @@ def _to_sitk(array: np.ndarray, geometry: Geometry) -> sitk.Image:
     vector = array.ndim == 4
     arr = np.moveaxis(array, 0, -1) if vector else array  # (X, Y, Z[, C])
     arr = np.ascontiguousarray(np.moveaxis(arr, [0, 1, 2], [2, 1, 0]))  # (Z, Y, X[, C])
+    import SimpleITK as sitk
+
     img = sitk.GetImageFromArray(arr, isVector=vector)
     lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(geometry.affine, dtype=float)
     spacing = np.asarray(geometry.spacing, dtype=float)

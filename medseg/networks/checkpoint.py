@@ -5,6 +5,7 @@ On disk a checkpoint is a plain dict (what :func:`load_checkpoint` returns, so a
 
 - :class:`TrainingCheckpoint` (``checkpoint_latest.pt``, ``checkpoint_best.pt``): everything a run
   needs to resume exactly: ``model``, ``optimizer``, ``scaler`` (None without AMP), ``torch_rng``,
+  ``cuda_rng`` (the training device's CUDA generator, saved only by a CUDA run, last),
   ``config`` (the configuration key), ``fold`` (as a string) and the :class:`TrainingState` fields
   ``epoch``, ``elapsed_s``, ``best_ema``, ``ema``, ``history``, flat at the top level;
 - :class:`FinalCheckpoint` (``checkpoint_final.pt``): ``model``, ``config``, ``fold``, ``epoch``,
@@ -61,17 +62,24 @@ class TrainingCheckpoint:
     config: str
     fold: str
     state: TrainingState
+    cuda_rng: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The dict for ``torch.save``; the state's fields sit at the top level."""
-        return {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
-                "torch_rng": self.torch_rng, "config": self.config, "fold": self.fold, **self.state.to_dict()}
+        """The dict for ``torch.save``; the state's fields sit at the top level, ``cuda_rng`` last
+        and only when there is one (so a CPU run's checkpoint is what earlier versions wrote)."""
+        d = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler,
+             "torch_rng": self.torch_rng, "config": self.config, "fold": self.fold, **self.state.to_dict()}
+        if self.cuda_rng is not None:
+            d["cuda_rng"] = self.cuda_rng
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingCheckpoint:
-        """Read :meth:`to_dict`'s form; a missing ``scaler`` reads as None. KeyError when a field is missing."""
+        """Read :meth:`to_dict`'s form; a missing ``scaler`` or ``cuda_rng`` reads as None. KeyError
+        when a field is missing."""
         return cls(model=d["model"], optimizer=d["optimizer"], scaler=d.get("scaler"), torch_rng=d["torch_rng"],
-                   config=d["config"], fold=str(d["fold"]), state=TrainingState.from_dict(d))
+                   config=d["config"], fold=str(d["fold"]), state=TrainingState.from_dict(d),
+                   cuda_rng=d.get("cuda_rng"))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from medseg.errors import MedsegError
 from medseg.evaluation.report import evaluate_folder
 from medseg.orchestration.validation import validate_fold
 from medseg.plans.schema import Plans
+from medseg.training import distributed
 from medseg.training.loop import train_fold
 from medseg.training.splits import cv_folds, fold_case_ids
 from medseg.utils import atomic_write_json
@@ -35,10 +36,11 @@ def parse_folds(workdir: Path | WorkDir, config_name: str, spec: str) -> list[Fo
 
 def train_and_validate(workdir: Path | WorkDir, config_name: str, fold: Fold, *, validate_full: bool = True,
                        device: str = "cpu", progress: bool = False, **train_kwargs) -> Path:
-    """:func:`~medseg.training.loop.train_fold`, then (for a cross-validation fold) its full validation."""
+    """:func:`~medseg.training.loop.train_fold`, then (for a cross-validation fold) its full
+    validation (in a distributed run by rank 0 alone, while the others go on)."""
     work = WorkDir.of(workdir)
     path = train_fold(work, config_name, fold, device=device, progress=progress, **train_kwargs)
-    if validate_full and fold != FULL:
+    if validate_full and fold != FULL and distributed.is_main_process():
         plans = Plans.load(work.plans)
         config = plans.config(config_name)
         _, val_ids = fold_case_ids(work, plans, config, fold)
@@ -62,13 +64,27 @@ def train_folds(workdir: Path | WorkDir, config_name: str, folds: list[Fold], *,
         again = resume or (len(folds) > 1 and run.latest.exists())
         train_and_validate(work, config.key, fold, resume=again, validate_full=validate_full, **kwargs)
         lines.append(f"fold {fold} done: {run.path}")
-    if validate_full and all(f != FULL for f in folds):
+    if validate_full and all(f != FULL for f in folds) and distributed.is_main_process():
         if all(work.run(config.key, f).validated for f in cv_folds(work, plans, config)):
             summary = collect_out_of_fold(work, plans, config.key)
             lines.append(f"cross-validation of {config.key} over {summary['n_cases']} cases: "
                          f"foreground Dice {summary['foreground_mean']['dice']:.4f} "
                          f"(report: {work.crossval(config.key).path})")
     return lines
+
+
+def train_configs(workdir: Path | WorkDir, configs: list[str], fold_spec: str, **kwargs) -> list[str]:
+    """:func:`train_folds` of ``fold_spec`` (:func:`parse_folds`) for each configuration in turn;
+    the summary lines (``medseg train``). Run as one rank of several (``--nproc``, torchrun, srun),
+    it leaves the group that training joined when done, and only rank 0 returns lines."""
+    lines: list[str] = []
+    try:
+        for name in configs:
+            lines += train_folds(workdir, name, parse_folds(workdir, name, fold_spec), **kwargs)
+    finally:
+        main = distributed.is_main_process()
+        distributed.leave()
+    return lines if main else []
 
 
 def collect_out_of_fold(workdir: Path | WorkDir, plans: Plans, key: str) -> dict:

@@ -1,9 +1,12 @@
 """Training batches: patch sampling with foreground oversampling, batchgenerators augmentation, and
 ordered prefetching in background worker processes.
 
-A batch is a pure function of ``(seed, epoch, index)``: :meth:`BatchSource.batch` derives every
-random draw from ``np.random.SeedSequence([seed, epoch, index])``, so a run resumed at any epoch
-sees exactly the batches it would have seen, whichever process computes them and in whatever order.
+A batch is a pure function of ``(seed, epoch, index)``, and each of its elements a pure function of
+``(seed, epoch, index, element)``: :meth:`BatchSource.batch` derives every random draw of element
+``b`` from ``np.random.SeedSequence([seed, epoch, index, b])``, so a run resumed at any epoch sees
+exactly the batches it would have seen, whichever process computes them and in whatever order, and
+the ranks of a distributed run (each one given its ``elements`` of the global batch) together see
+exactly the batch a single process would.
 
 Preprocessed case format, in one folder ``F`` (written by ``medseg.preprocessing``):
 
@@ -13,7 +16,7 @@ Preprocessed case format, in one folder ``F`` (written by ``medseg.preprocessing
   coordinates per foreground class (a list may be empty or a class absent).
 
 Sampling follows nnU-Net v2's data loader: each batch element is a case drawn uniformly; the last
-``max(1, round(batch_size * oversample_foreground))`` elements are centred on a random voxel of a
+``max(1, round(batch_size * oversample_foreground))`` elements of the global batch are centred on a random voxel of a
 random foreground class present in their case (with a small random jitter, see
 :class:`AugmentationParams`), the others on a random location. With spatial augmentation, a larger
 patch is extracted (:func:`initial_patch_size`) and ``SpatialTransform`` rotates/scales about its
@@ -58,7 +61,7 @@ __all__ = ["AugmentationParams", "BatchSource", "initial_patch_size"]
 
 _CACHE_CASES = 64  # opened memmaps (and parsed class locations) kept per process
 _PREFETCH_PER_WORKER = 2  # batches computed ahead per worker in iterate()
-_PER_PROCESS = ("_transform", "_cache", "_workers", "_shutdown")  # rebuilt in each process, never pickled
+_PER_PROCESS = ("_transform", "_cache", "_channels", "_workers", "_shutdown")  # rebuilt in each process, never pickled
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,8 @@ class BatchSource:
         seed: the run's seed; batches are a pure function of ``(seed, epoch, index)``.
         mirror_axes: spatial axes of the patch to mirror (None: all; ``()``: no mirroring).
         params: augmentation ranges and probabilities (None: nnU-Net's defaults).
+        elements: which elements of the global batch of ``batch_size`` this source returns (a
+            distributed rank's share, :func:`medseg.training.distributed.rank_elements`); None: all.
         prior_folder: for a cascade stage, a folder of ``<case>.npy`` int8 (1, *S) previous-stage label
             maps in the same grid; they are cropped and spatially transformed with the labels, then
             appended to the image as ``num_classes - 1`` one-hot channels (augmented with
@@ -200,6 +205,7 @@ class BatchSource:
         params: AugmentationParams | None = None,
         prior_folder: Path | None = None,
         num_classes: int | None = None,
+        elements: range | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.case_ids = list(case_ids)
@@ -213,6 +219,7 @@ class BatchSource:
         if self.prior_folder is not None and not num_classes:
             raise MedsegError("a prior folder needs num_classes (the one-hot prior's channels + 1)")
         self.num_classes = num_classes
+        self.elements = range(self.batch_size) if elements is None else elements
         ndim = len(self.patch_size)
         self.mirror_axes = tuple(range(ndim)) if mirror_axes is None else tuple(int(a) for a in mirror_axes)
         self._validate()
@@ -230,6 +237,7 @@ class BatchSource:
             _build_transforms(self.patch_size, self.mirror_axes, self.params) if self.augment else None
         )
         self._cache: OrderedDict[str, _Case] = OrderedDict()
+        self._channels: int | None = None  # the first case's channel count, which every case must have
         self._workers: list[_Worker] = []
         self._shutdown: weakref.finalize | None = None
 
@@ -244,6 +252,8 @@ class BatchSource:
         bad = [a for a in self.mirror_axes if not 0 <= a < ndim]
         if bad:
             raise MedsegError(f"mirror_axes {list(self.mirror_axes)}: a {ndim}D patch has axes 0..{ndim - 1}")
+        if not self.elements or self.elements.start < 0 or self.elements.stop > self.batch_size:
+            raise MedsegError(f"elements {self.elements} must be a non-empty part of the batch 0..{self.batch_size - 1}")
         if not self.case_ids:
             raise DatasetError(f"{self.folder}: no case ids given")
         missing = [c for c in self.case_ids if not (self.folder / f"{c}.npy").is_file()]
@@ -277,20 +287,33 @@ class BatchSource:
     # ------------------------------------------------------------------ batches
 
     def batch(self, epoch: int, index: int) -> dict[str, Any]:
-        """Batch ``index`` of ``epoch``: a pure function of ``(seed, epoch, index)``.
+        """This source's :attr:`elements` of batch ``index`` of ``epoch``: a pure function of
+        ``(seed, epoch, index)``, element by element.
 
         Returns ``{"data": float32 (B, C, *patch_size), "target": int8 (B, 1, *patch_size) with
-        values 0..K, "case_ids": list[str], "locations": int64 (B, 3)}``. ``locations[b]`` is the
-        case voxel at the patch's first corner before spatial augmentation (2D: ``(slice, d1, d2)``).
+        values 0..K, "case_ids": list[str], "locations": int64 (B, 3)}`` with ``B = len(elements)``.
+        ``locations[b]`` is the case voxel at the patch's first corner before spatial augmentation
+        (2D: ``(slice, d1, d2)``).
 
-        Randomness: case/location draws use a local ``np.random.default_rng``; batchgenerators draws
-        from the global ``np.random`` and Python's ``random`` (Gaussian noise variance), which are
-        seeded here from the same ``SeedSequence`` and restored to their previous states on return,
-        so the caller's global streams are untouched.
+        Randomness: element ``b``'s case/location draws use a local ``np.random.default_rng``;
+        batchgenerators draws from the global ``np.random`` and Python's ``random`` (Gaussian noise
+        variance), which are seeded per element from the same ``SeedSequence`` and restored to their
+        previous states on return, so the caller's global streams are untouched.
         """
-        sample_seq, augment_seq, prior_seq = np.random.SeedSequence([self.seed, int(epoch), int(index)]).spawn(3)
-        rng = np.random.default_rng(sample_seq)
-        data, seg, case_ids, locations = self._sample(rng)
+        parts = [self._element(epoch, index, b) for b in self.elements]
+        return {
+            "data": np.ascontiguousarray(np.concatenate([p[0] for p in parts]), dtype=np.float32),
+            "target": np.concatenate([p[1] for p in parts]),
+            "case_ids": [p[2] for p in parts],
+            "locations": np.stack([p[3] for p in parts]),
+        }
+
+    def _element(self, epoch: int, index: int, b: int) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+        """Element ``b`` of the global batch: image (1, C, *patch), target int8 (1, 1, *patch), case, location."""
+        sample_seq, augment_seq, prior_seq = np.random.SeedSequence(
+            [self.seed, int(epoch), int(index), int(b)]).spawn(3)
+        data, seg, case_id, location = self._sample(np.random.default_rng(sample_seq),
+                                                    forced=b >= self.batch_size - self.num_forced_foreground)
         if self._transform is not None:
             saved = np.random.get_state(), random.getstate()
             try:
@@ -310,49 +333,40 @@ class BatchSource:
             data, seg = np.concatenate([data, onehot], axis=1), seg[:, :1]
         target = np.rint(seg).astype(np.int8)
         target[target < 0] = 0
-        return {
-            "data": np.ascontiguousarray(data, dtype=np.float32),
-            "target": target,
-            "case_ids": case_ids,
-            "locations": locations,
-        }
+        return data, target, case_id, location
 
-    def _sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
-        """Draw cases and locations and extract (B, C, *extract_size) image and label arrays."""
+    def _sample(self, rng: np.random.Generator, forced: bool) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+        """Draw a case and a location (on foreground when ``forced``) and extract (1, C, *extract_size)
+        image and label arrays."""
         size = self.extract_size
         offset = [(e - p) // 2 for e, p in zip(size, self.patch_size, strict=True)]
-        first_forced = self.batch_size - self.num_forced_foreground
-        data = seg = None
-        case_ids: list[str] = []
-        locations = np.zeros((self.batch_size, 3), dtype=np.int64)
-        for b in range(self.batch_size):
-            case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
-            case = self._open(case_id)
-            if data is None:
-                data = np.zeros((self.batch_size, case.image.shape[0], *size), dtype=np.float32)
-                seg = np.full((self.batch_size, 1 if case.prior is None else 2, *size), -1, dtype=np.int8)
-            elif case.image.shape[0] != data.shape[1]:
-                raise DatasetError(
-                    f"{self.folder / (case_id + '.npy')}: {case.image.shape[0]} channels, "
-                    f"other cases have {data.shape[1]}"
-                )
-            voxel = self._foreground_voxel(case, rng) if b >= first_forced else None
-            if len(size) == 2:
-                z = int(voxel[0]) if voxel is not None else int(rng.integers(case.image.shape[1]))
-                image, labels = case.image[:, z], case.seg[:, z]
-                prior = case.prior[:, z] if case.prior is not None else None
-                voxel = voxel[1:] if voxel is not None else None
-            else:
-                z, image, labels, prior = None, case.image, case.seg, case.prior
-            lbs = self._bbox(image.shape[1:], voxel, rng)
-            _crop_into(image, lbs, data[b])
-            _crop_into(labels, lbs, seg[b, :1])
-            if prior is not None:
-                _crop_into(prior, lbs, seg[b, 1:])
-            corner = [lb + o for lb, o in zip(lbs, offset, strict=True)]
-            locations[b] = corner if z is None else [z, *corner]
-            case_ids.append(case_id)
-        return data, seg, case_ids, locations
+        case_id = self.case_ids[int(rng.integers(len(self.case_ids)))]
+        case = self._open(case_id)
+        channels = case.image.shape[0]
+        if self._channels is None:
+            self._channels = channels
+        elif channels != self._channels:
+            raise DatasetError(
+                f"{self.folder / (case_id + '.npy')}: {channels} channels, other cases have {self._channels}"
+            )
+        data = np.zeros((1, channels, *size), dtype=np.float32)
+        seg = np.full((1, 1 if case.prior is None else 2, *size), -1, dtype=np.int8)
+        voxel = self._foreground_voxel(case, rng) if forced else None
+        if len(size) == 2:
+            z = int(voxel[0]) if voxel is not None else int(rng.integers(case.image.shape[1]))
+            image, labels = case.image[:, z], case.seg[:, z]
+            prior = case.prior[:, z] if case.prior is not None else None
+            voxel = voxel[1:] if voxel is not None else None
+        else:
+            z, image, labels, prior = None, case.image, case.seg, case.prior
+        lbs = self._bbox(image.shape[1:], voxel, rng)
+        _crop_into(image, lbs, data[0])
+        _crop_into(labels, lbs, seg[0, :1])
+        if prior is not None:
+            _crop_into(prior, lbs, seg[0, 1:])
+        corner = [lb + o for lb, o in zip(lbs, offset, strict=True)]
+        location = np.asarray(corner if z is None else [z, *corner], dtype=np.int64)
+        return data, seg, case_id, location
 
     def _foreground_voxel(self, case: _Case, rng: np.random.Generator) -> np.ndarray | None:
         """A random voxel of a random foreground class present in the case (None if none is)."""

@@ -7,6 +7,12 @@ hold everything needed to resume exactly (:class:`~medseg.networks.checkpoint.Tr
 model, optimiser, RNG state and the :class:`~medseg.networks.checkpoint.TrainingState`: epoch,
 elapsed time, EMA, history). Batches are a pure function of (seed, epoch, index), so a resumed run
 sees the same data.
+
+Distributed (:mod:`medseg.training.distributed`: ``--nproc``, torchrun, srun): the model is wrapped
+in DDP, each rank trains on its elements of the plan's (global) batch, the loss's batch Dice is the
+global batch's; rank 0 decides at each epoch's start whether the budget allows another epoch and at
+which learning rate (so all ranks stop together), and alone validates and writes checkpoints, logs,
+curves and run.json.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from medseg import __version__
 from medseg.errors import CheckpointError
@@ -38,6 +45,7 @@ from medseg.networks.checkpoint import (
 from medseg.networks.unet import build_network
 from medseg.plans.schema import Configuration, Plans, Training
 from medseg.progress import make_progress
+from medseg.training import distributed
 from medseg.training.cascade import build_priors
 from medseg.training.curves import plot_curves
 from medseg.training.data import BatchSource
@@ -103,6 +111,12 @@ class FoldSetup:
     prior_folder: Path | None  # a cascade stage's priors
     budget: Budget
     seed: int
+    group: distributed.DistEnv | None = None  # this rank's place in a distributed run
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (the only process, or rank 0)."""
+        return self.group is None or self.group.is_main
 
     @property
     def training(self) -> Training:
@@ -115,8 +129,10 @@ class FoldSetup:
 
 @dataclass
 class TrainingComponents:
-    """What the plan builds for training: network, optimiser, AMP gradient scaler, loss."""
+    """What the plan builds for training: network, optimiser, AMP gradient scaler, loss. ``model``
+    is what training steps call: the network, or in a distributed run its DDP wrapper."""
 
+    network: torch.nn.Module
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -182,29 +198,42 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
     The full validation of the fold's held-out cases is a separate stage
     (:func:`medseg.orchestration.validation.validate_fold`).
 
-    ``num_workers``: augmentation processes (default 1 on CPU, up to 8 on CUDA)."""
+    ``num_workers``: augmentation processes (default 1 on CPU, up to 8 on CUDA). A process started
+    as one rank of several (:func:`medseg.training.distributed.from_environment`) joins its group
+    and trains its share of every batch (``device`` then means this rank's GPU)."""
     work = WorkDir.of(workdir)
+    group = distributed.from_environment()
+    if group is not None:
+        device = distributed.join(group, device)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick the fastest kernels once
     num_workers = _default_num_workers(device) if num_workers is None else num_workers
     plans = Plans.load(work.plans)
     config = plans.config(config_name)
     budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
-    setup = _set_up(work, plans, config, fold, budget, resume)
+    setup = _set_up(work, plans, config, fold, budget, resume, group)
     parts = _build_components(setup, device)
     state = _resume(parts, setup.run_dir) if resume else TrainingState()
-    setup.run_dir.path.mkdir(parents=True, exist_ok=True)
+    if setup.is_main:
+        setup.run_dir.path.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         train_src, val_src = _batch_sources(setup, stack)
-        _write_run_json(setup, device)
+        if setup.is_main:
+            _write_run_json(setup, device)
         clock = _Clock(state)
-        with _progress_bar(f"train {config.key} fold {fold}", budget.epochs, state.epoch, progress) as advance:
-            while _continues(state, clock, budget):
-                _run_epoch(setup, parts, state, clock, train_src, val_src, num_workers)
-                with _signals_held():
-                    _save_epoch(setup, parts, state)
+        with _progress_bar(f"train {config.key} fold {fold}", budget.epochs, state.epoch,
+                           progress and setup.is_main) as advance:
+            while (lr := _next_epoch(setup, state, clock, device)) is not None:
+                _run_epoch(setup, parts, state, clock, lr, train_src, val_src, num_workers)
+                if setup.is_main:
+                    with _signals_held():
+                        _save_epoch(setup, parts, state)
                 advance(state.epoch)
-    save_checkpoint(setup.run_dir.final, FinalCheckpoint(parts.model.state_dict(), config.key, str(fold),
-                                                         state.epoch, state.elapsed_s))
-    log.info("training done: %d epochs in %.1f min", state.epoch, state.elapsed_s / 60)
+    if setup.is_main:
+        save_checkpoint(setup.run_dir.final, FinalCheckpoint(parts.network.state_dict(), config.key, str(fold),
+                                                             state.epoch, state.elapsed_s))
+        log.info("training done: %d epochs in %.1f min", state.epoch, state.elapsed_s / 60)
+    distributed.barrier()
     return setup.run_dir.path
 
 
@@ -217,7 +246,7 @@ def _default_num_workers(device: str) -> int:
 
 
 def _set_up(work: WorkDir, plans: Plans, config: Configuration, fold: Fold, budget: Budget,
-            resume: bool) -> FoldSetup:
+            resume: bool, group: distributed.DistEnv | None = None) -> FoldSetup:
     """The fold's run folder (checked against ``resume``), cases, priors and seed."""
     run_dir = work.run(config.key, fold)
     if run_dir.latest.exists() and not resume:
@@ -228,39 +257,61 @@ def _set_up(work: WorkDir, plans: Plans, config: Configuration, fold: Fold, budg
     prior_folder = build_priors(work, plans, config) if config.previous_stage else None
     seed = plans.seed + (NUM_FOLDS if fold == FULL else int(fold))
     return FoldSetup(plans, config, fold, run_dir, work.preprocessed(config.data_config), train_ids, val_ids,
-                     prior_folder, budget, seed)
+                     prior_folder, budget, seed, group)
 
 
 def _build_components(setup: FoldSetup, device: str) -> TrainingComponents:
-    """The network (initial weights from the fold's seed), SGD with Nesterov momentum, the scaler, the loss."""
+    """The network (initial weights from the fold's seed; DDP-wrapped in a distributed run), SGD
+    with Nesterov momentum, the scaler, the loss."""
     torch.manual_seed(setup.seed)
     config, t = setup.config, setup.training
-    model = build_network(config.architecture, setup.plans.input_channels(config), setup.num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.initial_lr, momentum=t.momentum, nesterov=True,
+    network = build_network(config.architecture, setup.plans.input_channels(config), setup.num_classes).to(device)
+    model, share = network, None
+    if setup.group is not None:
+        # every parameter gets a gradient in every step (the loss gives the deep-supervision head of
+        # weight 0 a zero one), so DDP need not search the graph for unused ones
+        model = DistributedDataParallel(network, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                        else None, find_unused_parameters=False)
+        share = len(_rank_elements(setup)) / config.batch_size
+    optimizer = torch.optim.SGD(network.parameters(), lr=t.initial_lr, momentum=t.momentum, nesterov=True,
                                 weight_decay=t.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.startswith("cuda"))
-    return TrainingComponents(model, optimizer, scaler, DeepSupervisionLoss(), device)
+    return TrainingComponents(network, model, optimizer, scaler, DeepSupervisionLoss(group_share=share), device)
+
+
+def _rank_elements(setup: FoldSetup) -> range | None:
+    """This rank's elements of the global batch (None: a single process takes all)."""
+    if setup.group is None:
+        return None
+    return distributed.rank_elements(setup.config.batch_size, setup.group.rank, setup.group.world_size)
 
 
 def _resume(parts: TrainingComponents, run_dir: RunDir) -> TrainingState:
     """Load the latest checkpoint into ``parts`` and the torch RNG; the state it was saved in."""
     ckpt = load_training_checkpoint(run_dir.latest, map_location=parts.device)
-    parts.model.load_state_dict(ckpt.model)
+    parts.network.load_state_dict(ckpt.model)
     parts.optimizer.load_state_dict(ckpt.optimizer)
     if parts.amp and ckpt.scaler:
         parts.scaler.load_state_dict(ckpt.scaler)
-    torch.set_rng_state(ckpt.torch_rng.cpu())  # map_location moved it to the device; the RNG state lives on the CPU
+    # map_location moved the RNG states to the device; torch keeps them as CPU byte tensors
+    torch.set_rng_state(ckpt.torch_rng.cpu())
+    if parts.amp and ckpt.cuda_rng is not None:
+        torch.cuda.set_rng_state(ckpt.cuda_rng.cpu(), parts.device)
     log.info("resumed %s at epoch %d", run_dir.path, ckpt.state.epoch)
     return ckpt.state
 
 
-def _batch_sources(setup: FoldSetup, stack: ExitStack) -> tuple[BatchSource, BatchSource]:
-    """Augmented training batches and plain validation patches; ``stack`` closes them (their workers)."""
+def _batch_sources(setup: FoldSetup, stack: ExitStack) -> tuple[BatchSource, BatchSource | None]:
+    """Augmented training batches (this rank's elements) and plain validation patches (the main
+    process only; None elsewhere); ``stack`` closes them (their workers)."""
     config, t = setup.config, setup.training
     common: dict[str, Any] = dict(oversample_foreground=t.oversample_foreground, prior_folder=setup.prior_folder,
                                   num_classes=setup.num_classes)
     train = stack.enter_context(BatchSource(setup.data_folder, setup.train_ids, config.patch_size, config.batch_size,
-                                            augment=True, seed=setup.seed, mirror_axes=t.mirror_axes, **common))
+                                            augment=True, seed=setup.seed, mirror_axes=t.mirror_axes,
+                                            elements=_rank_elements(setup), **common))
+    if not setup.is_main:
+        return train, None
     val = stack.enter_context(BatchSource(setup.data_folder, setup.val_ids, config.patch_size, config.batch_size,
                                           augment=False, seed=setup.seed + 7919, **common))
     return train, val
@@ -269,7 +320,8 @@ def _batch_sources(setup: FoldSetup, stack: ExitStack) -> tuple[BatchSource, Bat
 def _write_run_json(setup: FoldSetup, device: str) -> None:
     meta = {"plans_config": setup.config.model_dump(), "fold": setup.fold, "device": device,
             "budget": asdict(setup.budget), "train_cases": len(setup.train_ids), "val_cases": len(setup.val_ids),
-            "seed": setup.seed, "medseg_version": __version__, "torch_version": torch.__version__}
+            "seed": setup.seed, "medseg_version": __version__, "torch_version": torch.__version__,
+            "world_size": setup.group.world_size if setup.group else 1}
     atomic_write_text(setup.run_dir.run_json, json.dumps(meta, indent=2))
 
 
@@ -295,20 +347,35 @@ def _continues(state: TrainingState, clock: _Clock, budget: Budget) -> bool:
     return state.epoch < budget.epochs and _progress(state.epoch, clock.elapsed(), budget) < 1.0
 
 
-def _run_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState, clock: _Clock,
-               train_src: BatchSource, val_src: BatchSource, num_workers: int) -> None:
-    """Training steps at the scheduled learning rate, then the validation patches; the epoch's
-    record goes into ``state`` (epoch, EMA, history, elapsed time)."""
+def _next_epoch(setup: FoldSetup, state: TrainingState, clock: _Clock, device: str) -> float | None:
+    """The learning rate of the next epoch, or None when the budget is spent; in a distributed run
+    rank 0's decision, so that all ranks stop together."""
+    budget = setup.budget
+    go = _continues(state, clock, budget)
+    lr = poly_lr(setup.training.initial_lr, _progress(state.epoch, clock.elapsed(), budget),
+                 setup.training.poly_exponent)
+    go_all, lr = distributed.broadcast_floats([float(go), lr], device)
+    return lr if go_all else None
+
+
+def _run_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState, clock: _Clock, lr: float,
+               train_src: BatchSource, val_src: BatchSource | None, num_workers: int) -> None:
+    """Training steps at ``lr``, then (main process) the validation patches; the epoch's record goes
+    into ``state`` (epoch, EMA, history, elapsed time)."""
     epoch, budget, t = state.epoch, setup.budget, setup.training
-    lr = poly_lr(t.initial_lr, _progress(epoch, clock.elapsed(), budget), t.poly_exponent)
     t_epoch = time.perf_counter()
     losses = _train_steps(parts, train_src.iterate(epoch, budget.iterations_per_epoch, num_workers), lr, t.grad_clip)
     train_s = time.perf_counter() - t_epoch
+    train_loss = distributed.all_mean(float(np.mean(losses)), parts.device)  # the global batch's loss
+    if val_src is None:  # another rank validates
+        state.epoch = epoch + 1
+        clock.bank()
+        return
     val = _validate_patches(parts, val_src.iterate(0, budget.val_iterations, 0), setup.num_classes)
     pseudo = val.pseudo_dice
     state.ema = pseudo if state.ema is None else EMA_DECAY * state.ema + (1 - EMA_DECAY) * pseudo
     state.epoch = epoch + 1
-    rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=float(np.mean(losses)), val_loss=val.loss,
+    rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=train_loss, val_loss=val.loss,
                       pseudo_dice=pseudo, pseudo_dice_per_class=val.per_class.tolist(), pseudo_dice_ema=state.ema,
                       epoch_s=time.perf_counter() - t_epoch, train_s=train_s,
                       samples_per_s=budget.iterations_per_epoch * setup.config.batch_size / max(train_s, 1e-9),
@@ -319,10 +386,12 @@ def _run_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState
     clock.bank()
 
 
-def _to_device(batch: dict[str, Any], device: str, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's image (B, C, *S) float32 and target (B, 1, *S) int64 on ``device``."""
-    x = torch.from_numpy(batch["data"]).to(device, non_blocking=non_blocking)
-    y = torch.from_numpy(batch["target"].astype(np.int64)).to(device, non_blocking=non_blocking)
+def _to_device(batch: dict[str, Any], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's image (B, C, *S) float32 and target (B, 1, *S) int64 on ``device`` (on CUDA copied
+    from pinned memory, asynchronously)."""
+    x, y = torch.from_numpy(batch["data"]), torch.from_numpy(batch["target"].astype(np.int64))
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
 
 
@@ -335,13 +404,13 @@ def _train_steps(parts: TrainingComponents, batches: Iterable[dict[str, Any]], l
     model.train()
     losses = []
     for batch in batches:
-        x, y = _to_device(batch, parts.device, non_blocking=True)
+        x, y = _to_device(batch, parts.device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=parts.amp):
             loss = parts.loss_fn(model(x), y)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(parts.network.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
         losses.append(loss.item())
@@ -349,15 +418,19 @@ def _train_steps(parts: TrainingComponents, batches: Iterable[dict[str, Any]], l
 
 
 def _validate_patches(parts: TrainingComponents, batches: Iterable[dict[str, Any]], n_classes: int) -> PatchValidation:
-    """Loss and pseudo-Dice (Dice of the summed tp/fp/fn over all patches) of the validation patches."""
-    parts.model.eval()
+    """Loss and pseudo-Dice (Dice of the summed tp/fp/fn over all patches) of the validation patches
+    (the bare network: in a distributed run only rank 0 validates, and DDP's forward would wait for
+    the others)."""
+    network = parts.network
+    network.eval()
     losses, counts = [], np.zeros((n_classes - 1, 3))
+    loss_fn = DeepSupervisionLoss()  # this process's patches only
     with torch.no_grad():
         for batch in batches:
             x, y = _to_device(batch, parts.device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=parts.amp):
-                out = parts.model(x)
-            losses.append(parts.loss_fn(out.float(), y).item())
+                out = network(x)
+            losses.append(loss_fn(out.float(), y).item())
             counts += _pseudo_dice(out, y, n_classes)
     tp, fp, fn = counts.T
     return PatchValidation(float(np.mean(losses)), 2 * tp / np.maximum(2 * tp + fp + fn, 1))
@@ -390,10 +463,11 @@ def _save_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingStat
     improved = state.ema > state.best_ema
     if improved:  # before the latest checkpoint is taken, so that a resumed run compares with the same best
         state.best_ema = state.ema
-    ckpt = TrainingCheckpoint(model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
+    ckpt = TrainingCheckpoint(model=parts.network.state_dict(), optimizer=parts.optimizer.state_dict(),
                               scaler=parts.scaler.state_dict() if parts.amp else None,
                               torch_rng=torch.get_rng_state(), config=setup.config.key, fold=str(setup.fold),
-                              state=replace(state))
+                              state=replace(state),
+                              cuda_rng=torch.cuda.get_rng_state(parts.device) if parts.amp else None)
     save_checkpoint(run_dir.latest, ckpt)
     # the log is rewritten from the checkpoint's history, so a kill never leaves them disagreeing
     atomic_write_text(run_dir.log, "".join(json.dumps(r) + "\n" for r in state.history))
