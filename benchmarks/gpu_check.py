@@ -289,6 +289,8 @@ def section_memory(ctx: dict) -> dict:
     else:
         features, batch, patches = [32, 64, 128, 256, 320], 2, [[40, 56, 40], [64, 64, 64], [96, 96, 96]]
     rows, bad = [], []
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as training sets it: cuDNN's chosen kernels and workspaces
     for patch in patches:
         arch = _architecture(features, patch)
         # measure_training_peak measures the step as training runs it on the device (fp16 autocast

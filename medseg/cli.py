@@ -143,7 +143,9 @@ class _PlanCommand(TyperCommand):
 def plan(
     dataset: Path = typer.Argument(..., help="Dataset folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Work directory for plans, data, runs."),
-    memory_gb: float = typer.Option(None, "--memory-gb", help="Memory budget (default: GPU memory, or a share of RAM)."),
+    memory_gb: float = typer.Option(None, "--memory-gb", help="Memory budget in GB (default on CUDA: min(8, 0.8 × (the "
+                                   "device's memory - 1)), portable to 11 GB cards like nnU-Net's; on a CPU a "
+                                   "quarter of RAM, at most 8)."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     configs: str = typer.Option(None, "--configs",
                                 help="Comma-separated: 2d, 3d_fullres, 3d_lowres (adds the low-resolution stage and "

@@ -102,3 +102,18 @@ def test_resuming_from_a_final_or_foreign_checkpoint_names_the_file_and_the_miss
         load_training_checkpoint(tmp_path / "tensor.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_training_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_cuda_runs_generator_state_is_saved_last_and_read_back(tmp_path):
+    """A CUDA run also saves its device's generator state (resume restores both, from the CPU copies
+    whatever ``map_location`` did); a CPU run's checkpoint keeps the earlier format."""
+    model, opt = _model_and_optimizer()
+    cuda_rng = torch.randint(0, 256, (16,), dtype=torch.uint8)  # what torch.cuda.get_rng_state() returns
+    ckpt = TrainingCheckpoint(model.state_dict(), opt.state_dict(), None, torch.get_rng_state(), "3d_fullres", "0",
+                              TrainingState(epoch=1), cuda_rng=cuda_rng)
+    save_checkpoint(tmp_path / "cuda.pt", ckpt)
+    assert list(load_checkpoint(tmp_path / "cuda.pt")) == [*TRAINING_KEYS, "cuda_rng"]
+    back = load_training_checkpoint(tmp_path / "cuda.pt")
+    assert torch.equal(back.cuda_rng, cuda_rng) and torch.equal(back.torch_rng, ckpt.torch_rng)
+    save_checkpoint(tmp_path / "old.pt", _old_format_dict(model, opt))
+    assert load_training_checkpoint(tmp_path / "old.pt").cuda_rng is None

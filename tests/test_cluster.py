@@ -135,7 +135,7 @@ def test_a_cascade_stage_is_a_second_array_after_its_previous_stage(tmp_path, mo
 
     sent = []
 
-    def record(work, batch, cluster, *, after=(), gpus=True):
+    def record(work, batch, cluster, *, after=(), gpus=True, resources=None):
         ids = [f"{len(sent) + 1}_{k}" for k in range(len(batch))] if len(batch) > 1 else [f"{len(sent) + 1}"] * len(batch)
         sent.append(([j.name for j in batch], sorted(after)))
         return ids
@@ -149,6 +149,23 @@ def test_a_cascade_stage_is_a_second_array_after_its_previous_stage(tmp_path, mo
         (["cross-validation report 3d_lowres,3d_cascade_fullres,2d"], ["1_0", "1_1", "1_2", "1_3", "2_0", "2_1", "9"]),
     ]
     assert ids == {"train": ["1_0", "1_1", "1_2", "1_3", "2_0", "2_1"], "cv-report": ["3"]}
+
+
+def test_a_distributed_fold_is_one_job_of_nodes_times_tasks(tmp_path, monkeypatch):
+    from medseg.cluster import jobs
+
+    assert jobs.distributed_resources() == {} == jobs.distributed_resources(nodes=1, tasks_per_node=1)
+    assert jobs.distributed_resources(nodes=2, gpus_per_node=4) == {
+        "nodes": 2, "ntasks_per_node": 4, "gpus_per_node": 4, "srun_args": ["--kill-on-bad-exit=1"]}
+    assert jobs.distributed_resources(tasks_per_node=2) == {"nodes": 1, "ntasks_per_node": 2,
+                                                            "srun_args": ["--kill-on-bad-exit=1"]}
+    with pytest.raises(MedsegError, match="one process per GPU"):
+        jobs.distributed_resources(gpus_per_node=2, tasks_per_node=3)
+    sent = []
+    monkeypatch.setattr(jobs, "submit", lambda work, batch, cluster, *, after=(), gpus=True, resources=None:
+                        sent.append((len(batch), resources)) or [str(len(sent))] * len(batch))
+    jobs.submit_training(tmp_path, ["3d_fullres"], "all", ClusterConfig(), num_folds=2, nodes=2, gpus_per_node=4)
+    assert sent[0] == (2, jobs.distributed_resources(nodes=2, gpus_per_node=4))  # each fold one job of 8 ranks
 
 
 def test_jobs_without_a_reachable_scheduler_is_one_line_error(tmp_path):
@@ -206,6 +223,27 @@ def test_fold_array_equals_local_and_find_best_waits_for_it(slurm, tmp_path):
     # a second submission finds every fold done and submits no training
     _medseg("train", cluster, "-c", "3d_fullres", "-f", "all", "--epochs", "2", *JOB)
     assert [r.kind for r in read_registry(WorkDir(cluster))][4:] == ["cv-report"]
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_a_fold_trained_by_two_srun_tasks_has_the_single_process_weights(slurm, tmp_path):
+    """``--nproc 2`` with ``--executor slurm``: one job, two tasks started by srun, which join one
+    gloo group from Slurm's variables (tolerance as in test_distributed)."""
+    from test_distributed import TOLERANCE, _max_difference
+
+    torch.set_num_threads(1)
+    local, cluster = _two_fold_work(tmp_path / "local"), _two_fold_work(tmp_path / "cluster")
+    train_fold(local, "3d_fullres", 0, epochs=2, num_workers=0)
+    _medseg("train", cluster, "-c", "3d_fullres", "-f", "0", "--epochs", "2", "--workers", "0", "--no-validation",
+            "--nproc", "2", *JOB)
+    (record,) = read_registry(WorkDir(cluster))
+    states = _wait(lambda: _ended([record.job_id]), "the two-task training job", slurm)
+    assert states == {record.job_id: "COMPLETED"}, _job_log(cluster)
+    assert _scontrol(record.job_id)["NumTasks"] == "2"
+    assert _max_difference(_final_weights(local, 0), _final_weights(cluster, 0)) < TOLERANCE
+    run = WorkDir(cluster).run("3d_fullres", 0)
+    assert json.loads(run.run_json.read_text())["world_size"] == 2
 
 
 @needs_slurm

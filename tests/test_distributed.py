@@ -162,3 +162,18 @@ def test_a_killed_rank_ends_the_run_with_one_clear_error_and_the_run_resumes_exa
     assert resumed.returncode == 0, stderr
     assert [r["epoch"] for r in _log(two)] == list(range(1, epochs + 1))
     assert _max_difference(_final_weights(one), _final_weights(two)) < TOLERANCE
+
+
+def test_medseg_train_started_by_torchrun_joins_the_group_from_the_environment(msd_dataset, tmp_path):
+    torch.set_num_threads(1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _tiny_plan(msd_dataset, one)
+    _tiny_plan(msd_dataset, two)
+    train_fold(one, "3d_fullres", 0, epochs=2, num_workers=0)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "medseg", "train", str(two), "-c", "3d_fullres", "-f", "0", "--epochs", "2",
+                           "--workers", "0", "--no-validation"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _max_difference(_final_weights(one), _final_weights(two)) < TOLERANCE
+    assert proc.stderr.count("fold 0 done") == 1  # rank 0 alone reports

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medseg.errors import PlanError
 from medseg.fingerprint import CaseFingerprint, ChannelStats, Fingerprint
@@ -153,8 +154,8 @@ def test_large_images_on_a_small_gpu_shrink_the_patch_within_the_memory_budget()
     c3 = plans.config("3d_fullres")
     assert all(p < m for p, m in zip(c3.patch_size, c3.median_shape, strict=True))
     assert c3.batch_size == MIN_BATCH
-    # the recorded estimate is the analytic model of the network at that patch and batch
-    costs = estimate_costs(c3.architecture, c3.patch_size, c3.batch_size, 1, 2)
+    # the recorded estimate is the analytic model of the network at that patch and batch, under AMP as on CUDA
+    costs = estimate_costs(c3.architecture, c3.patch_size, c3.batch_size, 1, 2, amp=True)
     assert c3.memory.activations_gb == pytest.approx(costs.activation_bytes / 1e9)
 
 
@@ -169,6 +170,36 @@ def test_impossible_memory_budget_is_a_plan_error() -> None:
     fp = make_fingerprint(10, [0.7, 0.7, 0.7], [512, 512, 400])
     with pytest.raises(PlanError, match="memory-gb"):
         plan_dataset(fp, device="cuda", memory_gb=1e-4, configs=["3d_fullres"])
+
+
+def test_default_gpu_budget_leaves_headroom_and_is_capped_at_the_reference_budget() -> None:
+    from medseg.planning.planner import GPU_REFERENCE_GB, gpu_budget_gb
+
+    assert GPU_REFERENCE_GB == 8.0
+    assert gpu_budget_gb(80.0) == gpu_budget_gb(24.0) == gpu_budget_gb(11.0) == 8.0  # portable plans
+    assert gpu_budget_gb(8.0) == pytest.approx(0.8 * (8.0 - 1.0))  # context, then 20% for the model and allocator
+    assert gpu_budget_gb(6.0) == pytest.approx(4.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_default_gpu_budget_reads_the_chosen_device() -> None:
+    from medseg.planning.planner import default_memory_gb, gpu_budget_gb
+
+    for i in range(torch.cuda.device_count()):
+        total = torch.cuda.get_device_properties(i).total_memory / 1e9
+        assert default_memory_gb(f"cuda:{i}") == gpu_budget_gb(total)
+    assert default_memory_gb("cuda") == default_memory_gb(f"cuda:{torch.cuda.current_device()}")
+
+
+def test_gpu_plans_are_sized_for_amp_and_cpu_plans_for_float32() -> None:
+    fp = make_fingerprint(10, [0.7, 0.7, 0.7], [512, 512, 400])
+    gpu = plan_dataset(fp, device="cuda", memory_gb=4, configs=["3d_fullres"]).config("3d_fullres")
+    cpu = plan_dataset(fp, device="cpu", memory_gb=4, throughput=CPU_FLOPS, configs=["3d_fullres"]).config("3d_fullres")
+    for config, amp in ((gpu, True), (cpu, False)):
+        costs = estimate_costs(config.architecture, config.patch_size, config.batch_size, 1, 2, amp=amp)
+        assert config.memory.estimate_gb == pytest.approx(costs.training_bytes / 1e9)
+    # fp16 activations: the same budget holds a larger GPU patch than float32 activations would
+    assert np.prod(gpu.patch_size) > np.prod(cpu.patch_size)
 
 
 # --- batch size: the 5% rule ---------------------------------------------------------------------------

@@ -118,6 +118,8 @@ def read_input(case: InputCase, num_channels: int):
 def load_models(workdir: Path | WorkDir, plans: Plans, config: Configuration, folds: list[Fold], device: str,
                 checkpoint: str = "final") -> list[torch.nn.Module]:
     work = WorkDir.of(workdir)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # every window has the patch's shape: cuDNN tunes once
     models = []
     for fold in folds:
         path = work.run(config.key, fold).checkpoint(checkpoint)

@@ -4,6 +4,7 @@ A stage block (encoder, decoder or bottleneck stage) is a class with
 ``__init__(dim, in_ch, out_ch, kernel, stride, n)`` (``n`` units; the first carries the stride), a
 static ``cost(in_ch, out_ch, kernel, out_voxels, n, stride)`` returning its :class:`Cost` for one
 sample, and ``workspace_units`` (its backward transients, see :data:`WORKSPACE_UNITS`). Optional:
+``amp_workspace_bytes`` (bytes per workspace element under AMP, default :data:`AMP_WORKSPACE_BYTES`),
 ``stage_depths`` (units per encoder stage when the plan gives none, instead of ``convs_per_stage``)
 and ``separate_skip`` (as a decoder block: takes the up-sampled features and the skip apart).
 The builder and the cost model both walk :func:`medseg.networks.unet.stage_specs`, so a block is
@@ -30,6 +31,17 @@ STORED_TENSORS_PER_CONV = 2
 # block's output size. Only one block is in backward at a time, so the network's workspace is the
 # largest block's. Fitted to measured peaks (medseg.planning.memory.measure_training_peak, docs/architecture.md).
 WORKSPACE_UNITS = 3.0
+# Mixed precision (AMP: forward under fp16 autocast, as CUDA training runs it). Convolutions,
+# instance norms (they run in their input's dtype) and activations then produce fp16, so every
+# stored activation takes AMP_ACTIVATION_BYTES an element (checked with saved-tensor hooks under
+# CPU bf16 autocast, the same size: the network's saved bytes fall to 0.52x of float32's).
+AMP_ACTIVATION_BYTES = 2
+# A conv block's backward workspace is still counted at 4 bytes an element under AMP: besides fp16
+# gradients it holds the loss of its level (softmax and cross-entropy run in float32) and the
+# convolution library's workspace (cuDNN benchmark mode picks the fastest algorithm, whatever its
+# workspace), neither of which shrinks with the element size. Measured under CPU bf16 autocast:
+# 0.6-1.2x of the float32 workspace, so halving it would under-estimate.
+AMP_WORKSPACE_BYTES = 4
 # nnU-Net ResEnc-M stage depths (residual units per encoder stage)
 RESIDUAL_STAGE_DEPTHS = (1, 3, 4, 6, 6, 6, 6, 6)
 

@@ -19,7 +19,15 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medseg.errors import PlanError
-from medseg.networks.blocks import AttentionGate, Cost, PlainBlock, SqueezeExcitation, init_weights
+from medseg.networks.blocks import (
+    AMP_ACTIVATION_BYTES,
+    AMP_WORKSPACE_BYTES,
+    AttentionGate,
+    Cost,
+    PlainBlock,
+    SqueezeExcitation,
+    init_weights,
+)
 from medseg.networks.graph import MAX_GRAPH_NODES, GraphBottleneck
 from medseg.networks.reversible import ReversibleBlock
 from medseg.networks.variants import encoder_block
@@ -85,9 +93,10 @@ class BlockSpec:
             out.append(SqueezeExcitation.cost(self.out_ch, self.se, self.se_reduction, voxels))
         return out
 
-    def workspace(self, voxels: int) -> float:
-        """Backward transients while this block runs backward, in elements per sample."""
-        return self.cls.workspace_units * self.out_ch * voxels
+    def workspace(self, voxels: int, amp: bool = False) -> float:
+        """Backward transients while this block runs backward, in bytes per sample (float32, or
+        under AMP: :func:`workspace_bytes`)."""
+        return self.cls.workspace_units * self.out_ch * voxels * workspace_bytes(self.cls, amp)
 
 
 @dataclass(frozen=True)
@@ -125,9 +134,10 @@ class DecoderStage:
         out.append(Cost(2 * k * voxels, 2 * f * k * voxels, f * k + k))
         return out
 
-    def workspace(self, voxels: int) -> float:
+    def workspace(self, voxels: int, amp: bool = False) -> float:
+        """The block's backward transients and the gate's, in bytes per sample."""
         gate = AttentionGate.workspace_units if self.gate else 0.0
-        return (self.block.cls.workspace_units + gate) * self.block.out_ch * voxels
+        return (self.block.cls.workspace_units + gate) * self.block.out_ch * voxels * workspace_bytes(self.block.cls, amp)
 
 
 @dataclass(frozen=True)
@@ -224,6 +234,13 @@ def build_network(arch: Architecture, in_channels: int, num_classes: int) -> UNe
 
 
 OPTIMISER_COPIES = 3  # weights, gradients and SGD momentum
+AMP_WEIGHT_COPY_BYTES = 2  # autocast's fp16 copy of each weight, kept by its convolution for backward
+
+
+def workspace_bytes(cls: type[nn.Module], amp: bool) -> float:
+    """Bytes per backward-workspace element of a block class: 4 (float32), or under AMP the class's
+    ``amp_workspace_bytes`` (default :data:`~medseg.networks.blocks.AMP_WORKSPACE_BYTES`)."""
+    return getattr(cls, "amp_workspace_bytes", AMP_WORKSPACE_BYTES) if amp else 4.0
 
 
 @dataclass(frozen=True)
@@ -234,12 +251,17 @@ class CostEstimate:
     peak comes early in backward, at the full-resolution decoder block, when every stored activation
     is still alive, that block's backward workspace is allocated, and besides the weights and their
     momentum few gradients exist yet (gradients grow as activations are freed). When the weights
-    dominate, the peak is instead the optimiser step's weights + gradients + momentum."""
+    dominate, the peak is instead the optimiser step's weights + gradients + momentum.
+
+    ``amp``: the step's forward runs under fp16 autocast (CUDA training): activations are stored in
+    fp16 and each weight also has its fp16 copy during backward; weights, gradients and momentum
+    stay float32 (:data:`~medseg.networks.blocks.AMP_ACTIVATION_BYTES` and the notes there)."""
 
     parameters: int
     activation_bytes: float
     forward_flops: float
     workspace_bytes: float = 0.0
+    amp: bool = False
 
     @property
     def weight_state_bytes(self) -> float:
@@ -248,8 +270,10 @@ class CostEstimate:
 
     @property
     def training_bytes(self) -> float:
-        """Estimated peak tensor memory of one training step (float32)."""
+        """Estimated peak tensor memory of one training step."""
         backward = self.activation_bytes + self.workspace_bytes + 2 * 4.0 * self.parameters
+        if self.amp:
+            backward += AMP_WEIGHT_COPY_BYTES * self.parameters
         return max(backward, self.weight_state_bytes)
 
     @property
@@ -259,25 +283,27 @@ class CostEstimate:
 
 
 def estimate_costs(arch: Architecture, patch_size: Sequence[int], batch_size: int, in_channels: int,
-                   num_classes: int, bytes_per_element: int = 4) -> CostEstimate:
+                   num_classes: int, amp: bool = False) -> CostEstimate:
     """Parameters, stored activation bytes and forward FLOPs of a training step at this patch/batch:
     the blocks of :func:`stage_specs` (those :class:`UNet` builds), each asked for its cost at its
-    stage's voxel count. Summed in float64 in walk order (encoder stages, then decoder levels)."""
+    stage's voxel count. Summed in float64 in walk order (encoder stages, then decoder levels).
+    ``amp``: for a step under fp16 autocast (a CUDA plan), see :class:`CostEstimate`."""
     spec = stage_specs(arch, in_channels, num_classes)
     sizes, cur = [], np.array(patch_size, dtype=float)
     for st in arch.strides:
         cur = np.ceil(cur / np.array(st))
         sizes.append(int(np.prod(cur)))
     totals = np.zeros(3)  # elements, flops, params
-    workspace = 0.0  # elements: the largest block's backward transients
+    workspace = 0.0  # bytes: the largest block's backward transients
     for stage, voxels in zip(spec.encoder, sizes, strict=True):
         for cost in stage.costs(voxels):
             totals += np.asarray(cost, dtype=float)
-        workspace = max(workspace, stage.workspace(voxels))
+        workspace = max(workspace, stage.workspace(voxels, amp))
     for level, i in zip(spec.decoder, range(arch.num_stages - 2, -1, -1), strict=True):
         for cost in level.costs(sizes[i], sizes[i + 1]):
             totals += np.asarray(cost, dtype=float)
-        workspace = max(workspace, level.workspace(sizes[i]))
+        workspace = max(workspace, level.workspace(sizes[i], amp))
     elements, flops, params = totals
-    return CostEstimate(int(params), elements * batch_size * bytes_per_element, flops * batch_size,
-                        workspace * batch_size * bytes_per_element)
+    activation = AMP_ACTIVATION_BYTES if amp else 4
+    return CostEstimate(int(params), elements * batch_size * activation, flops * batch_size,
+                        workspace * batch_size, amp)

@@ -4,9 +4,12 @@ The model (:func:`estimate_training_bytes`) is what the planner sizes patch and 
 activations every block keeps for backward (each block's ``cost()``), the largest block's backward
 workspace (``workspace_units``), and weights, gradients and optimiser momentum.
 :func:`measure_training_peak` runs real training steps and reports the peak of live tensor bytes:
-``torch.cuda.max_memory_allocated`` on CUDA; on a CPU the allocation and free events that
-``torch.profiler`` records (``profile_memory=True``), summed in time order, on top of the bytes
-already held by weights and optimiser state.
+``torch.cuda.max_memory_allocated`` of the step's device on CUDA; on a CPU the allocation and free
+events that ``torch.profiler`` records (``profile_memory=True``), summed in time order, on top of
+the bytes already held by weights and optimiser state. Both model and measurement come in float32
+and in the precision of AMP training (forward under autocast, :func:`training_autocast`): a CUDA
+plan is sized, and a CUDA step measured, under fp16 autocast; a CPU step can be measured under bf16
+autocast (2 bytes an element too) to check the AMP model where there is no GPU.
 
 Not covered: at batch 1, PyTorch's CPU convolution with up to 16 channels takes an im2col path
 whose column buffer is 27x its input; plans never train at batch 1.
@@ -22,13 +25,14 @@ from torch.profiler import ProfilerActivity, profile
 from medseg.networks.unet import build_network, estimate_costs
 from medseg.plans.schema import Architecture, Configuration
 from medseg.training.losses import DeepSupervisionLoss
+from medseg.training.precision import training_autocast
 
 
 def estimate_training_bytes(arch: Architecture, patch: Sequence[int], batch: int, in_channels: int,
-                            num_classes: int) -> float:
-    """The planner's estimate of one training step's peak tensor bytes (float32), see
-    :class:`~medseg.networks.unet.CostEstimate`."""
-    return estimate_costs(arch, patch, batch, in_channels, num_classes).training_bytes
+                            num_classes: int, *, amp: torch.dtype | None = None) -> float:
+    """The planner's estimate of one training step's peak tensor bytes (float32, or forward under
+    autocast in ``amp``), see :class:`~medseg.networks.unet.CostEstimate`."""
+    return estimate_costs(arch, patch, batch, in_channels, num_classes, amp=amp is not None).training_bytes
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
@@ -46,10 +50,15 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> int:
 
 
 def synthetic_training_step(arch: Architecture, patch: Sequence[int], batch: int, in_channels: int,
-                            num_classes: int, device: str = "cpu", *, torch_optimizer: bool = True):
+                            num_classes: int, device: str = "cpu", *, torch_optimizer: bool = True,
+                            amp: torch.dtype | None = None):
     """A real training step (forward, deep-supervision loss, backward, SGD with Nesterov momentum) of
     the network ``arch`` builds, on fixed random data. Returns ``(net, optimiser, step)``; the planner
     times ``step`` and :func:`measure_training_peak` measures its memory.
+
+    ``amp``: forward and loss under ``torch.autocast`` in that dtype, ``backward()`` outside it, as the
+    training loop runs a CUDA step (:func:`training_autocast`). No loss scaling: it multiplies one
+    scalar and unscales the gradients in place, so it changes no tensor's size.
 
     ``torch_optimizer=False`` updates the weights with :class:`ForeachNesterovSGD` (the same kernels,
     no ``torch.optim``): what the planner times, so that a planning run does not pay the import of
@@ -63,10 +72,13 @@ def synthetic_training_step(arch: Architecture, patch: Sequence[int], batch: int
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_channels, *patch, generator=gen).to(device)
     y = torch.randint(0, num_classes, (batch, 1, *patch), generator=gen).to(device)
+    device_type = torch.device(device).type
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
+        with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+            loss = loss_fn(net(x), y)
+        loss.backward()
         opt.step()
 
     return net, opt, step
@@ -116,28 +128,39 @@ def saved_for_backward_bytes(fn: Callable[[], object], exclude: Sequence[torch.T
     return sum(v for k, v in seen.items() if k not in skip)
 
 
+AS_TRAINING = "training"  # measure_training_peak's default: the precision training uses on that device
+
+
 def measure_training_peak(config: Configuration | Architecture, in_channels: int, num_classes: int, *,
                           patch: Sequence[int] | None = None, batch: int | None = None,
-                          device: str = "cpu") -> dict:
+                          device: str = "cpu", amp: torch.dtype | None | str = AS_TRAINING) -> dict:
     """Run two real training steps and measure the second one's peak tensor memory, including the
     weights and optimiser state it holds. Returns ``peak_bytes``, ``estimate_bytes`` (the planner's
-    model) and ``parameters``."""
+    model, for the same precision) and ``parameters``.
+
+    ``amp``: the autocast dtype of forward and loss; by default the one training uses on ``device``
+    (:func:`training_autocast`: float16 on CUDA, none on a CPU); ``torch.bfloat16`` measures a CPU
+    step under bf16 autocast, ``None`` a float32 step. On CUDA the counters are those of the device
+    the step runs on (``cuda:N``; plain ``cuda`` is the current device, where tensors go)."""
     arch = config.architecture if isinstance(config, Configuration) else config
     patch = list(patch or config.patch_size)  # type: ignore[union-attr]
     batch = batch or config.batch_size  # type: ignore[union-attr]
-    net, opt, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device)
+    amp = training_autocast(device) if isinstance(amp, str) else amp
+    net, opt, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device, amp=amp)
     step()  # creates the momentum buffers
     opt.zero_grad(set_to_none=True)
     held = sum(p.numel() * p.element_size() for p in net.parameters())
     held += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
         step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base + held
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base + held
     else:
         peak = cpu_peak_bytes(step) + held
-    return {"peak_bytes": int(peak), "estimate_bytes": estimate_training_bytes(arch, patch, batch, in_channels, num_classes),
-            "parameters": sum(p.numel() for p in net.parameters()), "patch": patch, "batch": batch}
+    estimate = estimate_training_bytes(arch, patch, batch, in_channels, num_classes, amp=amp)
+    return {"peak_bytes": int(peak), "estimate_bytes": estimate, "parameters": sum(p.numel() for p in net.parameters()),
+            "patch": patch, "batch": batch, "amp": None if amp is None else str(amp).removeprefix("torch.")}

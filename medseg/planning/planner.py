@@ -7,6 +7,19 @@ batch 2 still allows :data:`CPU_TARGET_ITERATIONS` optimiser steps in the budget
 is raised toward that step time (capped by memory and 5% of the dataset's voxels), timed again
 when its estimate lands within 10% of the target. Every decision is written into
 ``memory.decision``. The variants offered are those of :data:`medseg.networks.variants.VARIANTS`.
+
+GPU memory budget (the default of ``--memory-gb`` on CUDA, :func:`default_memory_gb`): the chosen
+device's (``cuda:N``) total memory less :data:`GPU_CONTEXT_GB` for what lives outside PyTorch's
+allocator (the CUDA context, cuDNN and cuBLAS handles), times :data:`GPU_ALLOCATOR_SHARE` (the
+memory model is checked to +-25% against measured peaks, and 1/1.25 = 0.8 keeps a peak the model
+under-estimated by that much on the device; the caching allocator's fragmentation is small for a
+training loop of fixed shapes), and at most :data:`GPU_REFERENCE_GB`. The cap is nnU-Net's reason
+for its fixed 8 GB target: a plan made on a large GPU must still train on the 11-12 GB cards common
+at other sites, so plans (and results) do not depend on the planning machine; a larger patch than
+the one the reference budget allows buys little for the time each step then costs. Ask for more
+with ``--memory-gb``. The total memory is read, not the free memory, so that the plan does not
+depend on what else runs at planning time. CUDA plans are sized for AMP training (fp16 autocast,
+as the training loop runs it): ``estimate_costs(..., amp=True)``; CPU plans for float32.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from medseg import __version__
 from medseg.errors import PlanError
 from medseg.fingerprint import Fingerprint
 from medseg.io.dataset import channel_normalization
-from medseg.networks.unet import check_buildable, estimate_costs
+from medseg.networks.unet import CostEstimate, check_buildable, estimate_costs
 from medseg.networks.variants import BLOCKS_BY_VARIANT, presets
 from medseg.planning.memory import synthetic_training_step
 from medseg.plans import topology
@@ -43,6 +56,7 @@ from medseg.plans.schema import (
     Plans,
     Training,
 )
+from medseg.training.precision import training_autocast
 from medseg.utils import atomic_write_json, look_up
 
 log = logging.getLogger(__name__)
@@ -59,6 +73,9 @@ GPU_EPOCHS, GPU_ITERATIONS = 1000, 250
 CPU_ITERATIONS_PER_EPOCH = 50
 BATCH_EXTRAPOLATION_MARGIN = 0.9  # a larger batch is timed only when batch-2 scaling lands within 10% of the target
 CPU_STEP_OVERHEAD = 1.15  # data loading in a worker process and the per-epoch validation patches
+GPU_REFERENCE_GB = 8.0  # the default GPU budget's cap (nnU-Net's reference budget; see the module docstring)
+GPU_CONTEXT_GB = 1.0  # device memory outside PyTorch's allocator: CUDA context, cuDNN/cuBLAS handles
+GPU_ALLOCATOR_SHARE = 0.8  # of the rest: room for the memory model's +-25% and allocator fragmentation
 
 
 VARIANTS = BLOCKS_BY_VARIANT  # variant name → the Blocks its configurations record (read from the registry)
@@ -77,10 +94,19 @@ def resolve_variants(names: Sequence[str]) -> list[str]:
     return out
 
 
+def gpu_budget_gb(total_gb: float) -> float:
+    """The default budget for a GPU of ``total_gb``: ``min(GPU_REFERENCE_GB, GPU_ALLOCATOR_SHARE x
+    (total_gb - GPU_CONTEXT_GB))`` (module docstring). 8 GB for any GPU of 11 GB or more."""
+    return min(GPU_REFERENCE_GB, GPU_ALLOCATOR_SHARE * (total_gb - GPU_CONTEXT_GB))
+
+
 def default_memory_gb(device: str) -> float:
-    """The GPU's memory on CUDA; on a CPU a quarter of RAM, at most 8 GB."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_properties(0).total_memory / 1e9
+    """On CUDA, :func:`gpu_budget_gb` of the chosen device (``cuda:N``; plain ``cuda`` is the current
+    device); on a CPU a quarter of RAM, at most 8 GB."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        return gpu_budget_gb(torch.cuda.get_device_properties(index).total_memory / 1e9)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     except (ValueError, OSError):
@@ -92,13 +118,14 @@ def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, i
                          num_classes: int, device: str = "cpu", steps: int = 1) -> float:
     """Seconds per real training step (forward, deep-supervision loss, backward, SGD) on random data,
     after one warm-up step (which pays the kernel and allocator set-up); the fastest of ``steps``."""
-    _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device, torch_optimizer=False)
+    _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device, torch_optimizer=False,
+                                         amp=training_autocast(device))
     best = float("inf")
     for i in range(steps + 1):
         t = time.perf_counter()
         step()
         if device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         if i:
             best = min(best, time.perf_counter() - t)
     return best
@@ -118,7 +145,7 @@ def _machine_key(device: str) -> tuple:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
     return (cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, device, gpu)
 
 
@@ -191,6 +218,15 @@ class PlanningContext:
     dataset_voxels: float  # as nnU-Net: the 3D median shape times the number of cases
 
     @property
+    def amp(self) -> bool:
+        """Whether training runs under fp16 autocast (CUDA), which the memory model then assumes."""
+        return self.device.startswith("cuda")
+
+    def costs(self, arch: Architecture, patch: Sequence[int], batch: int) -> CostEstimate:
+        """:func:`~medseg.networks.unet.estimate_costs` of a step at this context's precision."""
+        return estimate_costs(arch, patch, batch, self.in_channels, self.num_classes, amp=self.amp)
+
+    @property
     def in_channels(self) -> int:
         return len(self.fp.channel_names)
 
@@ -217,7 +253,7 @@ def _fit_patch(ctx: PlanningContext, name: str, spacing: Sequence[float], median
     """Shrink the largest-relative-to-the-median axis until batch 2 fits the memory budget."""
     budget = ctx.memory_gb * 1e9
     arch, p = _architecture(spacing, _initial_patch(spacing, median_shape), BASE_FEATURES, blocks)
-    while estimate_costs(arch, p, MIN_BATCH, ctx.in_channels, ctx.num_classes).training_bytes > budget:
+    while ctx.costs(arch, p, MIN_BATCH).training_bytes > budget:
         ratios = np.asarray(p) / np.asarray(median_shape)
         axis = int(np.argmax(ratios))
         step = topology.divisibility(arch.strides)[axis]
@@ -246,7 +282,7 @@ def _batch_limits(ctx: PlanningContext, arch: Architecture, patch: Sequence[int]
     """(the largest batch the memory budget holds, 5% of the dataset's voxels in patches), both at
     least :data:`MIN_BATCH`."""
     batch_cap = max(MIN_BATCH, int(MAX_DATASET_FRACTION * ctx.dataset_voxels / np.prod(patch)))
-    one = estimate_costs(arch, patch, 1, ctx.in_channels, ctx.num_classes)
+    one = ctx.costs(arch, patch, 1)
     per_sample, weights = one.activation_bytes + one.workspace_bytes, one.weight_state_bytes
     mem_batch = max(MIN_BATCH, int((ctx.memory_gb * 1e9 - weights) // per_sample))
     return mem_batch, batch_cap
@@ -257,7 +293,8 @@ def _gpu_sizing(ctx: PlanningContext, arch: Architecture, patch: list[int], medi
     """nnU-Net's rule: the fitted patch at base width, the largest batch memory and the 5% rule allow."""
     batch = min(mem_batch, batch_cap)
     why = (f"GPU plan: patch {patch} covers the median shape {list(map(int, median_shape))} as far as "
-           f"{ctx.memory_gb:.1f} GB allow; batch {batch} = min(memory {mem_batch}, 5% of dataset voxels {batch_cap})")
+           f"{ctx.memory_gb:.1f} GB allow (AMP: fp16 activations); batch {batch} = min(memory {mem_batch}, "
+           f"5% of dataset voxels {batch_cap})")
     return Sizing(arch, batch, None, why, GPU_EPOCHS, GPU_ITERATIONS, None)
 
 
@@ -348,7 +385,7 @@ def _plan_configuration(ctx: PlanningContext, name: str, spacing: list[float], m
         check_buildable(sizing.arch, patch)
     except PlanError as e:
         raise PlanError(f"{ctx.fp.dataset_name}: variant {variant!r} of {name} cannot be built: {e}") from None
-    costs = estimate_costs(sizing.arch, patch, sizing.batch, ctx.in_channels, ctx.num_classes)
+    costs = ctx.costs(sizing.arch, patch, sizing.batch)
     iters = sizing.iterations_per_epoch
     return Configuration(
         name=name, variant=variant, spacing=spacing, transpose_forward=transpose,

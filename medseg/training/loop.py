@@ -50,6 +50,7 @@ from medseg.training.cascade import build_priors
 from medseg.training.curves import plot_curves
 from medseg.training.data import BatchSource
 from medseg.training.losses import DeepSupervisionLoss
+from medseg.training.precision import training_autocast
 from medseg.training.splits import NUM_FOLDS, fold_case_ids
 from medseg.utils import atomic_write_text
 from medseg.workdir import FULL, Fold, RunDir, WorkDir
@@ -141,7 +142,16 @@ class TrainingComponents:
 
     @property
     def amp(self) -> bool:
+        """Mixed precision with loss scaling (on CUDA)."""
         return self.device.startswith("cuda")
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return training_autocast(self.device)
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
 
 
 @dataclass(frozen=True)
@@ -406,7 +416,7 @@ def _train_steps(parts: TrainingComponents, batches: Iterable[dict[str, Any]], l
     for batch in batches:
         x, y = _to_device(batch, parts.device)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=parts.amp):
+        with torch.autocast(parts.device_type, dtype=parts.autocast, enabled=parts.autocast is not None):
             loss = parts.loss_fn(model(x), y)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -428,7 +438,7 @@ def _validate_patches(parts: TrainingComponents, batches: Iterable[dict[str, Any
     with torch.no_grad():
         for batch in batches:
             x, y = _to_device(batch, parts.device)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=parts.amp):
+            with torch.autocast(parts.device_type, dtype=parts.autocast, enabled=parts.autocast is not None):
                 out = network(x)
             losses.append(loss_fn(out.float(), y).item())
             counts += _pseudo_dice(out, y, n_classes)
