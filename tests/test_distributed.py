@@ -28,11 +28,14 @@ from test_training import _tiny_plan
 
 from medseg.errors import MedsegError
 from medseg.networks.checkpoint import load_checkpoint
+from medseg.plans.schema import Plans
 from medseg.training import distributed
 from medseg.training.data import BatchSource
 from medseg.training.distributed import from_environment, rank_elements
 from medseg.training.loop import train_fold
 from medseg.training.losses import GroupDiceCELoss
+from medseg.training.splits import fold_case_ids
+from medseg.utils import atomic_write_json
 from medseg.workdir import WorkDir
 
 TOLERANCE = 1e-5
@@ -167,13 +170,21 @@ def test_a_killed_rank_ends_the_run_with_one_clear_error_and_the_run_resumes_exa
 def test_medseg_train_started_by_torchrun_joins_the_group_from_the_environment(msd_dataset, tmp_path):
     torch.set_num_threads(1)
     one, two = tmp_path / "one", tmp_path / "two"
-    _tiny_plan(msd_dataset, one)
-    _tiny_plan(msd_dataset, two)
+    for work in (one, two):
+        plans = _tiny_plan(msd_dataset, work)
+        ids = sorted(p.stem for p in WorkDir(work).preprocessed(plans.config("3d_fullres").data_config).glob("*.json"))
+        atomic_write_json(WorkDir(work).splits, [{"train": ids[:2], "val": ids[2:]}])  # two cases to share out
     train_fold(one, "3d_fullres", 0, epochs=2, num_workers=0)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "medseg", "train", str(two), "-c", "3d_fullres", "-f", "0", "--epochs", "2",
-                           "--workers", "0", "--no-validation"], env=env, capture_output=True, text=True, timeout=300)
+                           "--workers", "0"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _max_difference(_final_weights(one), _final_weights(two)) < TOLERANCE
     assert proc.stderr.count("fold 0 done") == 1  # rank 0 alone reports
+    # the ranks shared out the validation cases, rank 0 reported on all of them
+    plans = Plans.load(WorkDir(two).plans)
+    _, val_ids = fold_case_ids(WorkDir(two), plans, plans.config("3d_fullres"), 0)
+    run = WorkDir(two).run("3d_fullres", 0)
+    assert len(val_ids) == 2 and run.validated and all(run.val_prediction(c).exists() for c in val_ids)
+    assert json.loads((run.val_report / "timing.json").read_text())["cases"] == len(val_ids)

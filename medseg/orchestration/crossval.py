@@ -9,7 +9,7 @@ from pathlib import Path
 
 from medseg.errors import MedsegError
 from medseg.evaluation.report import evaluate_folder
-from medseg.orchestration.validation import validate_fold
+from medseg.orchestration.validation import predict_validation, report_validation, validate_fold
 from medseg.plans.schema import Plans
 from medseg.training import distributed
 from medseg.training.loop import train_fold
@@ -37,14 +37,23 @@ def parse_folds(workdir: Path | WorkDir, config_name: str, spec: str) -> list[Fo
 def train_and_validate(workdir: Path | WorkDir, config_name: str, fold: Fold, *, validate_full: bool = True,
                        device: str = "cpu", progress: bool = False, **train_kwargs) -> Path:
     """:func:`~medseg.training.loop.train_fold`, then (for a cross-validation fold) its full
-    validation (in a distributed run by rank 0 alone, while the others go on)."""
+    validation (in a distributed run each rank predicts its share of the cases, on its device)."""
     work = WorkDir.of(workdir)
     path = train_fold(work, config_name, fold, device=device, progress=progress, **train_kwargs)
-    if validate_full and fold != FULL and distributed.is_main_process():
+    if validate_full and fold != FULL:
         plans = Plans.load(work.plans)
         config = plans.config(config_name)
         _, val_ids = fold_case_ids(work, plans, config, fold)
-        validate_fold(work, plans, config, work.run(config.key, fold), val_ids, device=device, progress=progress)
+        run = work.run(config.key, fold)
+        rank, world = distributed.rank_and_world()
+        if world == 1:
+            validate_fold(work, plans, config, run, val_ids, device=device, progress=progress)
+        else:  # each rank predicts its share of the cases, rank 0 reports on them all
+            predict_s = predict_validation(work, plans, config, run, val_ids[rank::world],
+                                           device=distributed.rank_device(device), progress=progress and rank == 0)
+            distributed.barrier()
+            if rank == 0:
+                report_validation(work, plans, run, val_ids, predict_s)
     return path
 
 

@@ -27,7 +27,16 @@ log = logging.getLogger(__name__)
 
 def validate_fold(work: WorkDir, plans: Plans, config: Configuration, run: RunDir, val_ids: list[str], *,
                   device: str = "cpu", progress: bool = False) -> dict:
-    """Predict the fold's validation cases in full and evaluate them.
+    """Predict the fold's validation cases in full and evaluate them: :func:`predict_validation`,
+    then :func:`report_validation`."""
+    predict_s = predict_validation(work, plans, config, run, val_ids, device=device, progress=progress)
+    return report_validation(work, plans, run, val_ids, predict_s)
+
+
+def predict_validation(work: WorkDir, plans: Plans, config: Configuration, run: RunDir, case_ids: list[str], *,
+                       device: str = "cpu", progress: bool = False) -> float:
+    """Predict ``case_ids`` (the fold's validation cases, or a distributed rank's share of them) in
+    full; the seconds it took.
 
     Writes ``val/<case>.nii.gz`` (label map) and ``val/<case>.npz`` (the out-of-fold probabilities,
     compact, with the case's QC score), which ``medseg find-best`` and the cascade read; with
@@ -41,9 +50,9 @@ def validate_fold(work: WorkDir, plans: Plans, config: Configuration, run: RunDi
     plain_out = run.val_no_mirroring if config.training.mirror_axes else None
     for d in (out, ref, plain_out):
         if d is not None:
-            d.mkdir(exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for cid in track(val_ids, total=len(val_ids), description="validate", enabled=progress):
+    for cid in track(case_ids, total=len(case_ids), description="validate", enabled=progress):
         case = ds.case(cid)
         image, geometry = read_input(InputCase(cid, case.images, ".nii.gz"), len(plans.channel_names))
         # a cascade sees the previous stage's out-of-fold prediction, as in training
@@ -56,7 +65,13 @@ def validate_fold(work: WorkDir, plans: Plans, config: Configuration, run: RunDi
         lab_link = ref / f"{cid}{case.label.name[len(cid):]}"
         if not lab_link.exists():
             lab_link.symlink_to(case.label)
-    predict_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def report_validation(work: WorkDir, plans: Plans, run: RunDir, val_ids: list[str], predict_s: float) -> dict:
+    """Evaluate the fold's predicted validation cases: ``val_report/`` (metrics, overlays, timing)."""
+    ds = load_dataset(work.dataset_path())
+    out, ref = run.val, run.val_reference
     summary = evaluate_folder(out, ref, run.val_report, labels=plans.labels)
     save_overlays([(cid, ds.case(cid).images[0], run.val_prediction(cid), next(ref.glob(f"{cid}.*")))
                    for cid in val_ids], run.val_report / "overlays.png")

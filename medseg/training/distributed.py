@@ -133,6 +133,20 @@ def join(env: DistEnv, device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str
     return device
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the group's size); (0, 1) without a group."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_device(device: str) -> str:
+    """The device this rank trains on: ``cuda:LOCAL_RANK`` for CUDA in a joined group, else ``device``."""
+    if dist.is_initialized() and device.startswith("cuda"):
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
+
+
 def is_main_process() -> bool:
     """True unless this process is a rank other than 0 of a joined group."""
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -264,7 +264,12 @@ def _set_up(work: WorkDir, plans: Plans, config: Configuration, fold: Fold, budg
     if resume and not run_dir.latest.exists():
         raise CheckpointError(f"{run_dir.latest}: nothing to resume")
     train_ids, val_ids = fold_case_ids(work, plans, config, fold)
-    prior_folder = build_priors(work, plans, config) if config.previous_stage else None
+    prior_folder = None
+    if config.previous_stage:  # built once, by rank 0, while the other ranks wait
+        if group is None or group.is_main:
+            prior_folder = build_priors(work, plans, config)
+        distributed.barrier()
+        prior_folder = work.priors(plans.config(config.previous_stage).key)
     seed = plans.seed + (NUM_FOLDS if fold == FULL else int(fold))
     return FoldSetup(plans, config, fold, run_dir, work.preprocessed(config.data_config), train_ids, val_ids,
                      prior_folder, budget, seed, group)
