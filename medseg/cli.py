@@ -235,13 +235,14 @@ def train(
         return
     if nodes or gpus_per_node:
         raise MedsegError(f"{'--nodes' if nodes else '--gpus-per-node'} needs --executor slurm")
-    from medseg.orchestration.crossval import train_configs
+    from medseg.orchestration.crossval import check_split, train_configs
 
     args = (workdir, _configs(config), fold)
     kwargs = {"resume": resume, "device": _device(device), "progress": True, **options}
     if nproc > 1:
         from medseg.training.distributed import launch
 
+        check_split(workdir, _configs(config), nproc)
         summary = launch(nproc, train_configs, *args, **kwargs)
     else:
         summary = train_configs(*args, **kwargs)

@@ -188,3 +188,23 @@ def test_medseg_train_started_by_torchrun_joins_the_group_from_the_environment(m
     run = WorkDir(two).run("3d_fullres", 0)
     assert len(val_ids) == 2 and run.validated and all(run.val_prediction(c).exists() for c in val_ids)
     assert json.loads((run.val_report / "timing.json").read_text())["cases"] == len(val_ids)
+
+
+def _fails_on_rank_one() -> str:
+    if os.environ["RANK"] == "1":
+        raise MedsegError("rank one cannot go on")
+    return "rank 0 done"
+
+
+def test_a_failing_rank_is_one_error_naming_it_and_a_batch_too_small_is_refused_before_launching(
+        msd_dataset, tmp_path):
+    with pytest.raises(MedsegError, match=r"^distributed training failed: rank 1 of 2 exited with code 1: "
+                                          r"rank one cannot go on$"):
+        distributed.launch(2, _fails_on_rank_one)
+    _tiny_plan(msd_dataset, tmp_path / "wd")  # batch 2
+    proc = _medseg("train", tmp_path / "wd", "-c", "3d_fullres", "-f", "0", "--nproc", "3")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert stderr.strip().splitlines() == ["error: the plan's batch size 2 cannot be split over 3 processes; use at "
+                                           "most 2 processes or raise batch_size in plans.json"]
+    assert not WorkDir(tmp_path / "wd").run("3d_fullres", 0).path.exists()

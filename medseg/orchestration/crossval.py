@@ -82,6 +82,13 @@ def train_folds(workdir: Path | WorkDir, config_name: str, folds: list[Fold], *,
     return lines
 
 
+def check_split(workdir: Path | WorkDir, configs: list[str], nproc: int) -> None:
+    """Refuse, before any process starts, ``nproc`` ranks that a configuration's batch cannot feed."""
+    plans = Plans.load(WorkDir.of(workdir).plans)
+    for name in configs:
+        distributed.rank_elements(plans.config(name).batch_size, 0, nproc)
+
+
 def train_configs(workdir: Path | WorkDir, configs: list[str], fold_spec: str, **kwargs) -> list[str]:
     """:func:`train_folds` of ``fold_spec`` (:func:`parse_folds`) for each configuration in turn;
     the summary lines (``medseg train``). Run as one rank of several (``--nproc``, torchrun, srun),

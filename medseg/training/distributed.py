@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -190,21 +189,19 @@ def _describe(failure: Any) -> str:
         message = message.get("message", "")
     message = str(message or "").strip().splitlines()
     detail = message[-1] if message and not message[-1].startswith("To enable traceback") else ""
+    detail = detail.removeprefix(f"{MedsegError.__name__}: ")
     return f"exited with code {failure.exitcode}" + (f": {detail}" if detail else "")
 
 
 @record
 def _rank_main(fn: Callable[..., Any], level: int, args: tuple, kwargs: dict) -> Any:
     """One launched rank: logging as the parent's (rank 0; the others warnings only), then ``fn``.
-    A :class:`MedsegError` leaves as one line on stderr and exit code 2."""
+    An exception is recorded for the launcher (``record``), whose :func:`launch` raises it as one line."""
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
                         format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s", force=True)
     try:
         return fn(*args, **kwargs)
-    except MedsegError as exc:
-        print(f"[rank {rank}] error: {exc}", file=sys.stderr)
-        raise
     finally:
         leave()
 
