@@ -1,5 +1,6 @@
 """Dataset fingerprint: per-case geometry and shapes, per-channel foreground intensity statistics,
-per-class voxel counts and volumes. Written as ``fingerprint.json``."""
+per-class voxel counts and volumes. Written as ``fingerprint.json``, with ``made_from``: the digest of
+the dataset it was computed from (:func:`source_digest`), so that a changed dataset is fingerprinted again."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pydantic import BaseModel, ConfigDict
 from medseg.io.dataset import Case, Dataset, read_case_image, read_case_label
 from medseg.parallel import parallel_map
 from medseg.preprocessing.cropping import bbox_of, crop, nonzero_mask
+from medseg.preprocessing.provenance import dataset_digest
 from medseg.utils import atomic_write_text
 
 SAMPLES_PER_CASE = 10_000
+FINGERPRINT_VERSION = 1  # bump when what a fingerprint computes changes
 
 
 class CaseFingerprint(BaseModel):
@@ -50,6 +53,7 @@ class Fingerprint(BaseModel):
     cases: list[CaseFingerprint]
     channels: list[ChannelStats]
     notes: list[str] = []
+    made_from: str | None = None  # source_digest() of the dataset; None: written before it was recorded
 
     def spacings(self) -> np.ndarray:
         return np.array([c.spacing for c in self.cases], dtype=float)
@@ -92,6 +96,12 @@ def _fingerprint_case(args: tuple[Case, list[int], int]) -> tuple[CaseFingerprin
     return fp, samples
 
 
+def source_digest(ds: Dataset, seed: int = 0) -> str:
+    """The digest of what a fingerprint of ``ds`` is computed from: every case's files (name, size,
+    mtime), the layout, channels and labels, the seed and :data:`FINGERPRINT_VERSION`."""
+    return dataset_digest(ds, version=FINGERPRINT_VERSION, seed=seed)
+
+
 def compute_fingerprint(ds: Dataset, num_workers: int = 1, progress: bool = False, seed: int = 0,
                         executor: Executor | None = None) -> Fingerprint:
     """Fingerprint every case (parallel over cases in ``num_workers`` processes, or in ``executor``;
@@ -107,4 +117,5 @@ def compute_fingerprint(ds: Dataset, num_workers: int = 1, progress: bool = Fals
             min=float(v.min()), max=float(v.max()), p00_5=float(np.percentile(v, 0.5)),
             p99_5=float(np.percentile(v, 99.5)), n_samples=int(v.size)))
     return Fingerprint(dataset_name=ds.root.name, layout=ds.layout, channel_names=ds.channel_names,
-                       labels=ds.labels, cases=[r[0] for r in results], channels=channels, notes=ds.notes)
+                       labels=ds.labels, cases=[r[0] for r in results], channels=channels, notes=ds.notes,
+                       made_from=source_digest(ds, seed))

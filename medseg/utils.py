@@ -94,6 +94,8 @@ def load_json_model(cls, path: str | Path, *, missing: str = "file not found", s
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise error(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if schema_version is not None and raw.get("schema_version") != schema_version:
         raise error(f"{path}: schema_version {raw.get('schema_version')} is not supported "
                     f"(this medseg reads {schema_version})")
@@ -101,7 +103,8 @@ def load_json_model(cls, path: str | Path, *, missing: str = "file not found", s
         return cls.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise error(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from exc
+        where = ".".join(str(p) for p in err["loc"])
+        raise error(f"{path}: {where + ': ' if where else ''}{err['msg']}") from exc
 
 
 def look_up(name: str, options: Iterable[str], what: str) -> str:

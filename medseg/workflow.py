@@ -13,11 +13,12 @@ from pathlib import Path
 from types import ModuleType
 
 from medseg.errors import DatasetError
-from medseg.fingerprint import Fingerprint, compute_fingerprint
+from medseg.fingerprint import Fingerprint, compute_fingerprint, source_digest
 from medseg.io.check import check_dataset
 from medseg.io.dataset import Dataset, load_dataset
 from medseg.parallel import process_pool
-from medseg.plans.schema import Plans
+from medseg.plans.schema import Plans, label_values
+from medseg.preprocessing.labels import check_class_count
 from medseg.preprocessing.pipeline import preprocess_dataset
 from medseg.utils import atomic_write_json, resolve_device
 from medseg.workdir import WorkDir
@@ -46,15 +47,17 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
     ds = load_dataset(dataset)
     for note in ds.notes:
         log.info("note: %s", note)
+    check_class_count(label_values(ds.labels), f"{ds.root}: labels")  # before anything is written
     work = WorkDir(workdir)
     # one pool for every step, forked before the planner's thread imports torch (medseg.parallel's
     # start-method rule), so that check, fingerprint and preprocessing all run in forked workers
     with process_pool(num_workers) if num_workers > 1 and len(ds.cases) > 1 else nullcontext() as pool:
-        fp, planner = _check_and_fingerprint(ds, work, num_workers, progress, pool, timing)
+        fp, planner, fresh = _check_and_fingerprint(ds, work, num_workers, progress, pool, timing)
         planner.resolve_variants(variants or ["plain"])  # unknown variant names fail before anything is written
         device = resolve_device(device)
         work.root.mkdir(parents=True, exist_ok=True)
-        fp.save(work.fingerprint)
+        if fresh:  # a reused fingerprint is left as it is
+            fp.save(work.fingerprint)
         work.write_source(dataset)
         t = time.perf_counter()
         plans = _plans(planner, fp, work, device=device, memory_gb=memory_gb, configs=configs,
@@ -70,14 +73,14 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
 
 
 def _check_and_fingerprint(ds: Dataset, work: WorkDir, num_workers: int, progress: bool, pool: Executor | None,
-                           timing: dict[str, float]) -> tuple[Fingerprint, ModuleType]:
+                           timing: dict[str, float]) -> tuple[Fingerprint, ModuleType, bool]:
     """Check the cases (a DatasetError listing every problem), fingerprint them unless
-    ``fingerprint.json`` has the same cases, and return it with the planner module, imported on a
-    thread meanwhile (torch and MONAI, ~3 s on 2 cores)."""
+    ``fingerprint.json`` was made from the same files (:func:`~medseg.fingerprint.source_digest`), and
+    return it with the planner module, imported on a thread meanwhile (torch and MONAI, ~3 s on 2 cores),
+    and whether it was computed now."""
     t = time.perf_counter()
-    fp = Fingerprint.load(work.fingerprint) if work.fingerprint.exists() else None
-    if fp is not None and sorted(c.case_id for c in fp.cases) != sorted(c.case_id for c in ds.cases):
-        fp = None
+    fp = _current_fingerprint(work, ds)
+    fresh = fp is None
     # leaving the `with` waits for the import on every path, so no caller going on forks a process while it runs
     with ThreadPoolExecutor(1) as thread:
         importing = thread.submit(importlib.import_module, PLANNER)
@@ -87,10 +90,28 @@ def _check_and_fingerprint(ds: Dataset, work: WorkDir, num_workers: int, progres
         timing["check_s"], t = time.perf_counter() - t, time.perf_counter()
         if fp is None:
             fp = compute_fingerprint(ds, num_workers=num_workers, progress=progress, executor=pool)
+            if work.plans.exists():
+                log.warning("%s: the dataset changed since it was planned (new fingerprint); %s is kept, delete it "
+                            "to re-plan", ds.root, work.plans)
         timing["fingerprint_s"], t = time.perf_counter() - t, time.perf_counter()
         planner = importing.result()
         timing["import_wait_s"] = time.perf_counter() - t
-    return fp, planner
+    return fp, planner, fresh
+
+
+def _current_fingerprint(work: WorkDir, ds: Dataset) -> Fingerprint | None:
+    """``fingerprint.json`` when it was made from ``ds``'s files as they are now, else None."""
+    if not work.fingerprint.exists():
+        return None
+    try:
+        fp = Fingerprint.load(work.fingerprint)
+    except ValueError:  # unreadable or of another schema: computed again
+        return None
+    if fp.made_from != source_digest(ds):
+        log.info("%s: the dataset's files changed (or the fingerprint predates their record); fingerprinting again",
+                 ds.root)
+        return None
+    return fp
 
 
 def _plans(planner: ModuleType, fp: Fingerprint, work: WorkDir, *, timer, configs: list[str] | None,

@@ -254,7 +254,7 @@ def test_case_properties_round_trip_through_their_json_file(msd_dataset: Path, t
     out = WorkDir(tmp_path / "work").preprocessed("3d_fullres")
     path = out / "case_001.json"
     assert list(json.loads(path.read_text())) == ["geometry", "bbox", "shape_cropped_transposed", "spacing_transposed",
-                                                  "shape_preprocessed", "case_id", "class_locations"]
+                                                  "shape_preprocessed", "case_id", "class_locations", "made_from"]
     props = load_properties(out, "case_001")
     assert props.case_id == "case_001" and props.shape_preprocessed == list(np.load(out / "case_001.npy").shape[1:])
     props.save(tmp_path / "again.json")

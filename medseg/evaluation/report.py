@@ -174,6 +174,12 @@ def _read_labels(path: Path):
         log.warning("%s: %d channels; using channel 0 as the label map", path, array.shape[0])
     labels = array[0]
     if not np.issubdtype(labels.dtype, np.integer):
+        if bad := int(np.count_nonzero(~np.isfinite(labels))):
+            raise DatasetError(f"{path}: label map contains {bad} NaN/Inf voxels")
+        fractional = np.unique(labels[labels != np.rint(labels)])
+        if fractional.size:
+            shown = ", ".join(np.format_float_positional(v, trim="-") for v in fractional[:3])
+            raise DatasetError(f"{path}: non-integer label values e.g. {shown}; a label map holds class numbers")
         labels = np.rint(labels).astype(np.int32)
     return labels, geometry
 

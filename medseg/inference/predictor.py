@@ -33,6 +33,7 @@ from medseg.io.image import image_suffix, write_image
 from medseg.networks.checkpoint import load_checkpoint
 from medseg.networks.unet import build_network
 from medseg.plans.schema import ChosenModel, Configuration, Plans
+from medseg.preprocessing.labels import classes_to_labels, label_dtype, labels_to_classes
 from medseg.preprocessing.pipeline import export_probability_maps, preprocess_image, prior_channels
 from medseg.progress import track
 from medseg.utils import atomic_path, atomic_write_json, resolve_device
@@ -50,7 +51,7 @@ class InputCase:
     case_id: str
     files: list[Path]
     suffix: str
-    series: Series | None = None  # a DICOM series (files are its slices)
+    series: Series | None = None  # a DICOM series (files are its slices, or its multi-frame objects)
 
 
 def _hashed_uid(uid: str) -> str:
@@ -79,7 +80,7 @@ def find_inputs(path: Path, num_channels: int, channel_names: list[str] | None =
         found = find_series(path)
         if found:
             chosen = select_series(found, channel_names or ["image"] * num_channels, SeriesSelector.parse(series), path)
-            return [InputCase(_dicom_case_id(s), [sl.path for sl in s.slices], ".nii.gz", s) for s in chosen]
+            return [InputCase(_dicom_case_id(s), s.files, ".nii.gz", s) for s in chosen]
     if not files:
         raise MedsegError(f"{path}: no images to predict (.nii.gz, .nii, .nrrd, .mha, .mhd, or DICOM series)")
     groups: dict[str, dict[int, Path]] = {}
@@ -177,6 +178,7 @@ class CasePrediction:
 
     @property
     def segmentation(self) -> np.ndarray:
+        """(X, Y, Z) class indices (the argmax); files hold label values (:func:`classes_to_labels`)."""
         return self.probabilities.argmax(axis=0).astype(np.uint8)
 
 
@@ -369,7 +371,8 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
         preds = [predict_case(s, image, geometry, step=options.step, tta=tta, device=model.device,
                               attention=options.save_attention, stitch_device=stitch_device) for s in model.stages]
         pred = ensemble(preds)
-        seg = apply_postprocessing(pred.segmentation, pp)
+        values = plans.label_values  # files hold the dataset's label values; model.json's classes are values too
+        seg = apply_postprocessing(classes_to_labels(pred.segmentation, values), pp)
         out_path = output / f"{case.case_id}{case.suffix}"
         if options.save_probabilities:
             write_image(output / f"{case.case_id}_probabilities{case.suffix}", pred.probabilities, geometry, np.float32)
@@ -382,10 +385,12 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
         if seg_out:
             from medseg.io.dicom_seg import write_dicom_seg
 
-            write_dicom_seg(output / f"{case.case_id}.dcm", case.series, seg, plans.labels,
+            # segment numbers are the classes (DICOM SEG numbers segments 1, 2, … without gaps), named by their labels
+            write_dicom_seg(output / f"{case.case_id}.dcm", case.series, labels_to_classes(seg, values, str(out_path)),
+                            {k: plans.labels.get(v, "background") for k, v in enumerate(values)},
                             model_name=f"medseg {plans.dataset_name} {'+'.join(members)}")
         if nifti_out:
-            write_image(out_path, seg, geometry, np.uint8)
+            write_image(out_path, seg, geometry, label_dtype(values))
         score = float(np.mean(pred.qc_scores))
         row = {"case": case.case_id, "source": case.series.label() if case.series else str(case.files[0]),
                "qc_score": score, "flagged": bool(threshold is not None and score > threshold),

@@ -73,33 +73,89 @@ def load_dataset(root: str | Path) -> Dataset:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{meta_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{meta_path}: not a text file ({exc.reason})") from exc
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
         if "channel_names" in meta:
-            return _load_nnunetv2(root, meta)
+            return _contained(_load_nnunetv2(root, meta))
         if "modality" in meta:
-            return _load_msd(root, meta)
+            return _contained(_load_msd(root, meta))
         raise DatasetError(f"{meta_path}: neither MSD ('modality') nor nnU-Net v2 ('channel_names') dataset.json")
     if (root / "imagesTr").is_dir():
-        return _load_plain(root)
+        return _contained(_load_plain(root))
     raise DatasetError(f"{root}: no dataset.json and no imagesTr/ folder; not a dataset")
 
 
+def _contained(ds: Dataset) -> Dataset:
+    """``ds`` when every case file lies inside its folder (symlinks followed), else a DatasetError."""
+    for case in ds.cases:
+        for path in [*case.images, *([case.label] if case.label is not None else [])]:
+            _inside(ds.root, path, path)
+    return ds
+
+
+def _int_key(value: object, meta_path: Path, what: str) -> int:
+    """``value`` (a JSON key or value) as an int: ``0``, ``"3"``; not ``"1.5"``, ``"a"``, ``true`` or ``2.0``."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not re.fullmatch(r"\s*\d+\s*", str(value)):
+        raise DatasetError(f"{meta_path}: {what} {value!r} is not a non-negative integer")
+    return int(value)
+
+
+def _channels(meta: dict, key: str, meta_path: Path) -> list[str]:
+    """The channel names of ``meta[key]`` (``{"0": "CT", …}``), in index order 0..C-1."""
+    names = meta[key]
+    if not isinstance(names, dict) or not names:
+        raise DatasetError(f"{meta_path}: {key!r} must map channel indices 0..C-1 to names")
+    by_index = {_int_key(k, meta_path, f"{key} key"): str(v) for k, v in names.items()}
+    if sorted(by_index) != list(range(len(by_index))):
+        raise DatasetError(f"{meta_path}: {key!r} indices {sorted(by_index)} are not 0..{len(by_index) - 1}")
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def _check_labels(labels: dict[int, str], meta_path: Path) -> dict[int, str]:
+    if 0 not in labels:
+        raise DatasetError(f"{meta_path}: 'labels' does not declare 0 (the background)")
+    return labels
+
+
 def _labels_from_msd(meta: dict, meta_path: Path) -> dict[int, str]:
-    try:
-        return {int(k): str(v) for k, v in meta["labels"].items()}
-    except (KeyError, ValueError, AttributeError) as exc:
-        raise DatasetError(f"{meta_path}: 'labels' must map integer strings to names") from exc
+    raw = meta.get("labels")
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{meta_path}: 'labels' must map integer strings to names")
+    return _check_labels({_int_key(k, meta_path, "label key"): str(v) for k, v in raw.items()}, meta_path)
+
+
+def _inside(root: Path, path: Path, where: Path) -> Path:
+    """``path`` resolved, refused when it (or a symlink on the way) leads outside the dataset ``root``."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise DatasetError(f"{where}: leads outside the dataset folder (to {resolved}); copy the file into {root}")
+    return resolved
 
 
 def _load_msd(root: Path, meta: dict) -> Dataset:
     meta_path = root / "dataset.json"
-    modality = meta["modality"]
-    channel_names = [str(modality[k]) for k in sorted(modality, key=int)]
+    channel_names = _channels(meta, "modality", meta_path)
     labels = _labels_from_msd(meta, meta_path)
-    cases = []
-    for entry in meta.get("training", []):
-        image = (root / entry["image"]).resolve()
-        label = (root / entry["label"]).resolve() if entry.get("label") else None
-        cases.append(Case(strip_suffix(image.name), [image], label))
+    training = meta.get("training", [])
+    if not isinstance(training, list):
+        raise DatasetError(f"{meta_path}: 'training' must be a list of {{\"image\", \"label\"}} entries")
+    cases: list[Case] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise DatasetError(f"{meta_path}: training entry {i} has no \"image\" path ({json.dumps(entry)[:80]})")
+        if entry.get("label") is not None and not isinstance(entry["label"], str):
+            raise DatasetError(f"{meta_path}: training entry {i}: \"label\" must be a path")
+        image = _inside(root, root / entry["image"], root / entry["image"])
+        label = _inside(root, root / entry["label"], root / entry["label"]) if entry.get("label") else None
+        case_id = strip_suffix(image.name)
+        if case_id in seen:
+            raise DatasetError(f"{meta_path}: training entries {seen[case_id]} and {i} are both case {case_id!r}; "
+                               "case ids must be unique")
+        seen[case_id] = i
+        cases.append(Case(case_id, [image], label))
     if not cases:
         raise DatasetError(f"{meta_path}: 'training' lists no cases")
     return Dataset(root, "msd", channel_names, labels, cases)
@@ -107,16 +163,16 @@ def _load_msd(root: Path, meta: dict) -> Dataset:
 
 def _load_nnunetv2(root: Path, meta: dict) -> Dataset:
     meta_path = root / "dataset.json"
-    names = meta["channel_names"]
-    channel_names = [str(names[k]) for k in sorted(names, key=int)]
-    try:
-        labels = {}
-        for name, value in meta["labels"].items():
-            if isinstance(value, list):
-                raise DatasetError(f"{meta_path}: region-based labels ({name}: {value}) are not supported yet")
-            labels[int(value)] = str(name)
-    except (KeyError, ValueError, AttributeError) as exc:
-        raise DatasetError(f"{meta_path}: 'labels' must map names to integers") from exc
+    channel_names = _channels(meta, "channel_names", meta_path)
+    raw = meta.get("labels")
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{meta_path}: 'labels' must map names to integers")
+    labels = {}
+    for name, value in raw.items():
+        if isinstance(value, list):
+            raise DatasetError(f"{meta_path}: region-based labels ({name}: {value}) are not supported yet")
+        labels[_int_key(value, meta_path, f"label {name!r} value")] = str(name)
+    _check_labels(labels, meta_path)
     ending = meta.get("file_ending", ".nii.gz")
     cases = _scan_channel_files(root, ending, len(channel_names))
     return Dataset(root, "nnunetv2", channel_names, labels, cases)
@@ -168,8 +224,13 @@ def _load_plain(root: Path) -> Dataset:
         notes.append(f"inferred {n_channels} channel(s) from _XXXX file suffixes")
     else:
         cases = []
+        seen: dict[str, Path] = {}
         for f in files:
             case_id = strip_suffix(f.name)
+            if case_id in seen:
+                raise DatasetError(f"{f}: case {case_id!r} appears twice ({seen[case_id].name}, {f.name}); "
+                                   "keep one file per case")
+            seen[case_id] = f
             label = next((root / "labelsTr" / f"{case_id}{s}" for s in (image_suffix(f), *LABEL_SUFFIXES)
                           if s and (root / "labelsTr" / f"{case_id}{s}").exists()),
                          root / "labelsTr" / f"{case_id}{ending or '.nii.gz'}")

@@ -11,6 +11,12 @@
   (never by InstanceNumber or file name); spacing between slices from the positions (never
   SliceThickness); orientation from ImageOrientationPatient; RescaleSlope/Intercept applied.
   Pixels are read by SimpleITK (GDCM: also JPEG, JPEG-LS, JPEG 2000, RLE) from the checked order.
+- **Enhanced (multi-frame) MR/CT** (:data:`~medseg.io.transfer_syntaxes.ENHANCED_VOLUME_SOP_CLASSES`,
+  one file per series): each frame becomes a :class:`Slice` placed by its functional groups
+  (PlanePosition/PlaneOrientation/PixelMeasures, per-frame before shared), so the same checks and
+  ordering apply. Pixels are decoded by pydicom (stored values) and each frame's own
+  PixelValueTransformation is applied; GDCM applies the first frame's rescale to every frame, so it is
+  used only for syntaxes pydicom cannot decode here and only when all frames share one rescale.
 - **Choice** (:func:`select_series`): a :class:`SeriesSelector` (modality, SeriesDescription
   regex, SeriesInstanceUID); by default, per study, the one image series whose modality matches
   the model's channel; anything ambiguous is refused with the candidates listed.
@@ -30,7 +36,7 @@ from pydicom.errors import InvalidDicomError
 
 from medseg.errors import DatasetError, MedsegError
 from medseg.io.geometry import LPS_TO_RAS, Geometry
-from medseg.io.transfer_syntaxes import DECODABLE_TRANSFER_SYNTAXES
+from medseg.io.transfer_syntaxes import DECODABLE_TRANSFER_SYNTAXES, ENHANCED_VOLUME_SOP_CLASSES
 
 SPACING_TOLERANCE = 0.1  # relative deviation of one slice gap from the median gap
 TILT_TOLERANCE = 1e-3  # |sin| of the angle between the stacking direction and the slice normal
@@ -47,6 +53,14 @@ class Slice:
     columns: int
     sop_instance_uid: str
     transfer_syntax: str
+    pixel_spacing: tuple[float, float] | None = None  # PixelSpacing: (between rows, between columns)
+    thickness: float | None = None
+    frame: int | None = None  # 1-based frame number in a multi-frame (enhanced) object
+    rescale: tuple[float, float] = (1.0, 0.0)  # (slope, intercept); read from the file for single frames
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame}"
 
 
 @dataclass
@@ -60,18 +74,29 @@ class Series:
     number: int | None
     slices: list[Slice] = field(default_factory=list)
     non_image: list[Path] = field(default_factory=list)
+    invalid: list[tuple[Path, str]] = field(default_factory=list)  # image objects that cannot be placed, and why
 
     @property
     def is_image(self) -> bool:
-        return bool(self.slices)
+        return bool(self.slices or self.invalid)
+
+    @property
+    def multi_frame(self) -> bool:
+        return any(s.frame is not None for s in self.slices)
+
+    @property
+    def files(self) -> list[Path]:
+        """The image files (one per slice, or the multi-frame objects), in discovery order."""
+        return list(dict.fromkeys(s.path for s in self.slices))
 
     def label(self) -> str:
+        count = f"{len(self.slices)} frames" if self.multi_frame else f"{len(self.slices)} slices"
         return (f"{self.modality} series {self.number if self.number is not None else '?'} "
-                f"\"{self.description}\" ({len(self.slices)} slices, UID {self.series_uid})")
+                f"\"{self.description}\" ({count}, UID {self.series_uid})")
 
     @property
     def folder(self) -> Path:
-        return (self.slices[0].path if self.slices else self.non_image[0]).parent
+        return (self.slices[0].path if self.slices else self.invalid[0][0] if self.invalid else self.non_image[0]).parent
 
 
 def find_series(root: Path) -> list[Series]:
@@ -98,21 +123,76 @@ def find_series(root: Path) -> list[Series]:
             series = found[uid] = Series(uid, str(ds.get("StudyInstanceUID", "")), str(ds.get("Modality", "")),
                                          str(ds.get("SeriesDescription", "")),
                                          int(number) if number not in (None, "") else None)
+        if "PixelData" in ds and str(ds.get("SOPClassUID", "")) in ENHANCED_VOLUME_SOP_CLASSES:
+            try:
+                series.slices.extend(_frames(ds, path))
+            except ValueError as exc:
+                series.invalid.append((path, str(exc)))
+            continue
         ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
         if "PixelData" not in ds or ipp is None or iop is None or int(ds.get("NumberOfFrames", 1) or 1) > 1:
             series.non_image.append(path)
             continue
+        spacing = ds.get("PixelSpacing")
         series.slices.append(Slice(path, np.asarray(ipp, float), np.asarray(iop, float), int(ds.Rows),
-                                   int(ds.Columns), str(ds.get("SOPInstanceUID", "")),
-                                   str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))))
+                                   int(ds.Columns), str(ds.get("SOPInstanceUID", "")), _transfer_syntax(ds),
+                                   (float(spacing[0]), float(spacing[1])) if spacing else None,
+                                   float(ds.get("SliceThickness") or 0) or None))
     return sorted(found.values(), key=lambda s: (s.study_uid, s.number if s.number is not None else -1, s.series_uid))
+
+
+def _transfer_syntax(ds: pydicom.Dataset) -> str:
+    return str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+
+
+def _functional(ds: pydicom.Dataset, per_frame, sequence: str):
+    """The first item of functional group ``sequence`` for one frame: its per-frame item, else the shared one."""
+    for groups in (per_frame, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
+        item = groups.get(sequence) if groups is not None else None
+        if item:
+            return item[0]
+    return None
+
+
+def _frames(ds: pydicom.Dataset, path: Path) -> list[Slice]:
+    """One :class:`Slice` per frame of an enhanced (multi-frame) image; ``ValueError`` when a frame
+    cannot be placed in patient space."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if len(per_frame) != n:
+        raise ValueError(f"{len(per_frame)} PerFrameFunctionalGroupsSequence items for {n} frames")
+    top_rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+    out = []
+    for i, groups in enumerate(per_frame, start=1):
+        position = _functional(ds, groups, "PlanePositionSequence")
+        orientation = _functional(ds, groups, "PlaneOrientationSequence")
+        measures = _functional(ds, groups, "PixelMeasuresSequence")
+        if position is None or "ImagePositionPatient" not in position:
+            raise ValueError(f"frame {i} has no PlanePositionSequence (ImagePositionPatient)")
+        if orientation is None or "ImageOrientationPatient" not in orientation:
+            raise ValueError(f"frame {i} has no PlaneOrientationSequence (ImageOrientationPatient)")
+        if measures is None or not measures.get("PixelSpacing"):
+            raise ValueError(f"frame {i} has no PixelMeasuresSequence (PixelSpacing)")
+        value = _functional(ds, groups, "PixelValueTransformationSequence")
+        rescale = top_rescale if value is None else (float(value.get("RescaleSlope", 1) or 1),
+                                                     float(value.get("RescaleIntercept", 0) or 0))
+        out.append(Slice(path, np.asarray(position.ImagePositionPatient, float),
+                         np.asarray(orientation.ImageOrientationPatient, float), int(ds.Rows), int(ds.Columns),
+                         str(ds.get("SOPInstanceUID", "")), _transfer_syntax(ds),
+                         (float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
+                         float(measures.get("SliceThickness") or 0) or None, i, rescale))
+    return out
 
 
 def check_series(series: Series) -> tuple[list[Slice], list[float]]:
     """Checked slices in spatial order and the spacing (column, row, slice) in mm; raises on any problem."""
     where = f"{series.folder}: {series.label()}"
+    if series.invalid:
+        raise DatasetError(f"{where}: {series.invalid[0][0].name}: {series.invalid[0][1]}")
     if not series.slices:
         raise DatasetError(f"{where}: no image slices (only non-image objects)")
+    if series.multi_frame and any(s.frame is None for s in series.slices):
+        raise DatasetError(f"{where}: mixes single-frame and multi-frame (enhanced) instances; send one kind")
     orientations = {tuple(np.round(s.orientation, 4)) for s in series.slices}
     if len(orientations) > 1:
         raise DatasetError(f"{where}: mixed slice orientations ({len(orientations)} different ImageOrientationPatient)")
@@ -127,22 +207,26 @@ def check_series(series: Series) -> tuple[list[Slice], list[float]]:
     row, col = series.slices[0].orientation[:3], series.slices[0].orientation[3:]
     normal = np.cross(row, col)
     ordered = sorted(series.slices, key=lambda s: float(s.position @ normal))
-    first = pydicom.dcmread(ordered[0].path, stop_before_pixels=True)
-    pixel = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
+    pixel = ordered[0].pixel_spacing or (1.0, 1.0)
+    pixels = {tuple(round(float(v), 4) for v in (s.pixel_spacing or (1.0, 1.0))) for s in ordered}
+    if len(pixels) > 1:
+        raise DatasetError(f"{where}: mixed pixel spacings {sorted(pixels)} (PixelSpacing)")
     if len(ordered) == 1:
-        thickness = float(first.get("SliceThickness", 1.0) or 1.0)
-        return ordered, [pixel[1], pixel[0], thickness]
+        return ordered, [pixel[1], pixel[0], ordered[0].thickness or 1.0]
     along = np.array([float(s.position @ normal) for s in ordered])
     gaps = np.diff(along)
     if (gaps < 1e-4).any():
         dup = ordered[int(np.argmin(gaps)) + 1]
+        if dup.frame is not None:
+            raise DatasetError(f"{where}: two frames at the same position ({dup.name}); several stacks, echoes "
+                               "or time points in one object? Only one volume per object is read")
         raise DatasetError(f"{where}: two slices at the same position ({dup.path.name}); duplicate instances?")
     step = float(np.median(gaps))
     off = np.abs(gaps - step) > SPACING_TOLERANCE * step
     if off.any():
         i = int(np.argmax(off))
-        raise DatasetError(f"{where}: inconsistent slice spacing ({gaps[i]:.3g} mm between {ordered[i].path.name} and "
-                           f"{ordered[i + 1].path.name}, {step:.3g} mm elsewhere); missing slices?")
+        raise DatasetError(f"{where}: inconsistent slice spacing ({gaps[i]:.3g} mm between {ordered[i].name} and "
+                           f"{ordered[i + 1].name}, {step:.3g} mm elsewhere); missing slices?")
     stack = ordered[-1].position - ordered[0].position
     sin = np.linalg.norm(np.cross(stack / np.linalg.norm(stack), normal))
     if sin > TILT_TOLERANCE:
@@ -156,6 +240,9 @@ def read_series(series: Series) -> tuple[np.ndarray, Geometry]:
     normal, in stored order of increasing position) and its RAS geometry; rescale applied."""
     ordered, spacing = check_series(series)
     geometry = _geometry(ordered, spacing)
+    if series.multi_frame:
+        arr = _read_frames(series, ordered)
+        return np.ascontiguousarray(np.transpose(arr, (2, 1, 0))[None], dtype=np.float32), geometry
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in ordered])
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -169,6 +256,36 @@ def read_series(series: Series) -> tuple[np.ndarray, Geometry]:
         raise DatasetError(f"{series.folder}: {series.label()}: pixel data {arr.shape[1:]} does not match the "
                            f"headers {geometry.shape}")
     return np.ascontiguousarray(arr, dtype=np.float32), geometry
+
+
+def _read_frames(series: Series, ordered: Sequence[Slice]) -> np.ndarray:
+    """The frames of ``ordered`` (multi-frame objects) as float32 (Z, rows, columns), each frame's rescale applied."""
+    from pydicom.pixels import get_decoder  # pydicom's decoders for this transfer syntax
+
+    out = np.empty((len(ordered), ordered[0].rows, ordered[0].columns), np.float32)
+    for path in dict.fromkeys(s.path for s in ordered):
+        mine = [(k, s) for k, s in enumerate(ordered) if s.path == path]
+        rescales = {s.rescale for _, s in mine}
+        try:
+            if get_decoder(mine[0][1].transfer_syntax).is_available:
+                stored = pydicom.dcmread(path).pixel_array.reshape(-1, out.shape[1], out.shape[2])
+                for k, s in mine:
+                    slope, intercept = s.rescale
+                    out[k] = stored[s.frame - 1].astype(np.float64) * slope + intercept
+            elif len(rescales) == 1:  # GDCM applies one rescale (the first frame's) to every frame
+                values = sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))
+                values = values.reshape(-1, out.shape[1], out.shape[2])
+                for k, s in mine:
+                    out[k] = values[s.frame - 1]
+            else:
+                raise DatasetError(f"{path}: {series.label()}: frames with different rescale values in transfer "
+                                   f"syntax {mine[0][1].transfer_syntax}, which only GDCM decodes here and GDCM "
+                                   "rescales every frame alike; convert it to an uncompressed syntax (`dcmconv +te`)")
+        except (RuntimeError, ValueError, IndexError, NotImplementedError) as exc:
+            raise DatasetError(f"{path}: {series.label()}: cannot read pixels "
+                               f"({str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__})"
+                               ) from exc
+    return out
 
 
 def series_geometry(series: Series) -> Geometry:

@@ -1,4 +1,4 @@
-"""The DICOM transfer syntaxes medseg reads: the one list that the series checks
+"""The DICOM transfer syntaxes (and multi-frame SOP classes) medseg reads: the one list that the series checks
 (:func:`medseg.io.dicom.check_series`) and the DICOM node (``medseg serve``, which accepts exactly
 these) share. Named by pydicom's UID constants.
 
@@ -26,4 +26,13 @@ DECODABLE_TRANSFER_SYNTAXES: tuple[uid.UID, ...] = (
     uid.JPEG2000Lossless,
     uid.JPEG2000,
     uid.RLELossless,
+)
+
+# Multi-frame image objects read as one volume (one file per series, frames placed by the
+# functional groups): Enhanced and Legacy Converted Enhanced MR and CT Image Storage.
+ENHANCED_VOLUME_SOP_CLASSES: tuple[uid.UID, ...] = (
+    uid.EnhancedMRImageStorage,
+    uid.EnhancedCTImageStorage,
+    uid.LegacyConvertedEnhancedMRImageStorage,
+    uid.LegacyConvertedEnhancedCTImageStorage,
 )

@@ -41,8 +41,9 @@ from medseg.inference.probabilities import load_probabilities, load_qc_score
 from medseg.inference.uncertainty import FLAG_QUANTILE, calibrate_threshold, spearman
 from medseg.io.dataset import load_dataset, read_case_label
 from medseg.parallel import parallel_map
-from medseg.plans.schema import ChosenModel, InferenceChoice, Plans, Postprocessing, QualityControl
+from medseg.plans.schema import ChosenModel, InferenceChoice, Plans, Postprocessing, QualityControl, label_values
 from medseg.plotting import new_figure, save_figure
+from medseg.preprocessing.labels import classes_to_labels
 from medseg.training.splits import cv_folds, fold_case_ids
 from medseg.utils import atomic_path, atomic_write_json, atomic_write_text
 from medseg.workdir import WorkDir
@@ -141,9 +142,10 @@ def name_of(candidate: Candidate) -> str:
     return " + ".join(candidate)
 
 
-def _segment(source, candidate: Candidate, case_id: str, cache: dict) -> np.ndarray:
+def _segment(source, candidate: Candidate, case_id: str, cache: dict, values: Sequence[int]) -> np.ndarray:
+    """The candidate's label map of a case, in the dataset's label ``values`` (class k → values[k])."""
     probs = [cache.setdefault(k, source.probabilities(k, case_id)) for k in candidate]
-    return np.mean(probs, axis=0).argmax(axis=0).astype(np.uint8)
+    return classes_to_labels(np.mean(probs, axis=0).argmax(axis=0), values)
 
 
 def _evaluate_case(args: tuple) -> list[dict]:
@@ -152,7 +154,7 @@ def _evaluate_case(args: tuple) -> list[dict]:
     cache: dict = {}
     rows = []
     for cand in candidates:
-        seg = _segment(source, cand, case_id, cache)
+        seg = _segment(source, cand, case_id, cache, label_values(labels))
         if seg.shape != ref.shape:
             raise MedsegError(f"case {case_id}: out-of-fold prediction of {name_of(cand)} has shape {seg.shape}, "
                               f"the reference {ref.shape}")
@@ -165,7 +167,7 @@ def _postprocessing_case(args: tuple) -> dict:
     """Per-class Dice of one case under each postprocessing option of ``candidate``."""
     source, case_id, candidate, classes = args
     ref, _ = source.reference(case_id)
-    base = _segment(source, candidate, case_id, {})
+    base = _segment(source, candidate, case_id, {}, label_values(classes))
     fg = keep_largest_foreground(base)
     out: dict = {"case": case_id}
     for k in classes:

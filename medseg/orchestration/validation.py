@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
 from medseg.evaluation.overlay import save_overlays
 from medseg.evaluation.report import evaluate_folder, format_summary
 from medseg.inference.predictor import InputCase, Stage, predict_case, read_input
@@ -17,6 +15,7 @@ from medseg.io.image import write_image
 from medseg.networks.checkpoint import load_checkpoint
 from medseg.networks.unet import build_network
 from medseg.plans.schema import Configuration, Plans
+from medseg.preprocessing.labels import classes_to_labels, label_dtype
 from medseg.progress import track
 from medseg.training.cascade import oof_segmentation
 from medseg.utils import atomic_write_json
@@ -38,7 +37,8 @@ def predict_validation(work: WorkDir, plans: Plans, config: Configuration, run: 
     """Predict ``case_ids`` (the fold's validation cases, or a distributed rank's share of them) in
     full; the seconds it took.
 
-    Writes ``val/<case>.nii.gz`` (label map) and ``val/<case>.npz`` (the out-of-fold probabilities,
+    Writes ``val/<case>.nii.gz`` (label map in the dataset's label values, as the references) and
+    ``val/<case>.npz`` (the out-of-fold probabilities, one channel per class,
     compact, with the case's QC score), which ``medseg find-best`` and the cascade read; with
     mirroring, also the unmirrored pass (free: it is one of the mirrorings) in ``val_no_mirroring/``,
     on which find-best weighs mirroring."""
@@ -56,12 +56,14 @@ def predict_validation(work: WorkDir, plans: Plans, config: Configuration, run: 
         case = ds.case(cid)
         image, geometry = read_input(InputCase(cid, case.images, ".nii.gz"), len(plans.channel_names))
         # a cascade sees the previous stage's out-of-fold prediction, as in training
-        prior = oof_segmentation(work, plans.config(config.previous_stage).key, cid) if config.previous_stage else None
+        prior = (oof_segmentation(work, plans.config(config.previous_stage).key, cid, plans.label_values)
+                 if config.previous_stage else None)
         pred = predict_case(stage, image, geometry, device=device, prior=prior, keep_unmirrored=plain_out is not None)
         save_probabilities(out / f"{cid}.npz", pred.probabilities, pred.bbox, qc_score=pred.qc_scores[0])
         if plain_out:
             save_probabilities(plain_out / f"{cid}.npz", pred.unmirrored, pred.bbox, qc_score=pred.qc_scores[0])
-        write_image(run.val_prediction(cid), pred.segmentation, geometry, np.uint8)
+        write_image(run.val_prediction(cid), classes_to_labels(pred.segmentation, plans.label_values), geometry,
+                    label_dtype(plans.label_values))
         lab_link = ref / f"{cid}{case.label.name[len(cid):]}"
         if not lab_link.exists():
             lab_link.symlink_to(case.label)

@@ -55,6 +55,7 @@ from medseg.plans.schema import (
     Normalization,
     Plans,
     Training,
+    label_values,
 )
 from medseg.training.precision import training_autocast
 from medseg.utils import atomic_write_json, look_up
@@ -232,7 +233,8 @@ class PlanningContext:
 
     @property
     def num_classes(self) -> int:
-        return max(self.fp.labels) + 1
+        """The network's outputs: one per label value, however sparse the values (plans.schema.label_values)."""
+        return len(label_values(self.fp.labels))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ the file and re-run. Unknown keys are rejected (``extra="forbid"``) so that typo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,15 @@ from medseg.utils import atomic_write_text, load_json_model, look_up
 
 SCHEMA_VERSION = 1
 ConfigName = Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+# Preprocessed label maps hold class indices as int8 (-1: outside the image), so a dataset may have at
+# most 127 classes (background included); every dataset we know fits (TotalSegmentator v2: 118).
+MAX_CLASSES = 127
+
+
+def label_values(labels: Iterable[int]) -> list[int]:
+    """A dataset's label values in class order: class ``k`` is the ``k``-th smallest value, so the
+    background 0 is class 0 and consecutive labels 0..K-1 are their own classes ({0, 1, 255} → 0, 1, 2)."""
+    return sorted({0, *(int(v) for v in labels)})
 
 
 class _Model(BaseModel):
@@ -164,8 +174,14 @@ class Plans(_Model):
         return self.configurations[look_up(name, self.configurations, "configuration")]
 
     @property
+    def label_values(self) -> list[int]:
+        """The label value of each class (see :func:`label_values`): files hold these, the network classes."""
+        return label_values(self.labels)
+
+    @property
     def num_classes(self) -> int:
-        return max(self.labels) + 1
+        """The network's outputs: one per label value (background included), however sparse the values."""
+        return len(self.label_values)
 
     def input_channels(self, config: Configuration) -> int:
         """Image channels, plus one per foreground class (the one-hot previous-stage segmentation) for a cascade."""

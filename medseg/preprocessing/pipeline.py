@@ -1,14 +1,19 @@
 """Preprocessing: crop to nonzero → transpose (out-of-plane axis first) → normalise → resample.
 
-Each case becomes ``<case>.npy`` (float32 (C, *spatial)), ``<case>_seg.npy`` (int8 (1, *spatial))
-and ``<case>.json`` (its :class:`CaseProperties`: what inverts every step, plus foreground
-locations for sampling). The json is written last, so its presence marks a finished case (resumable).
+Each case becomes ``<case>.npy`` (float32 (C, *spatial)), ``<case>_seg.npy`` (int8 (1, *spatial),
+class indices 0..K-1: the label values in sorted order, see :mod:`medseg.preprocessing.labels`)
+and ``<case>.json`` (its :class:`CaseProperties`: what inverts every step, foreground locations for
+sampling, and ``made_from``, the digest of what made the case). The json is written last, so its
+presence with the digest the case would get now marks a finished, current case: an interrupted case,
+a case of another plan (spacing, normalisation, axis order, labels) and a case whose source files
+changed are redone (:func:`case_recipe`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +24,12 @@ from medseg.errors import DatasetError
 from medseg.io.dataset import Case, Dataset, read_case_image, read_case_label
 from medseg.io.geometry import Geometry
 from medseg.parallel import parallel_map
-from medseg.plans.schema import Configuration, Plans
+from medseg.plans.schema import Configuration, Plans, label_values
 from medseg.plans.topology import is_anisotropic
 from medseg.preprocessing.cropping import bbox_of, crop, nonzero_mask
+from medseg.preprocessing.labels import check_class_count, labels_to_classes
 from medseg.preprocessing.normalization import normalize
+from medseg.preprocessing.provenance import case_signature, digest
 from medseg.preprocessing.resampling import (
     new_shape_for,
     resample_image,
@@ -33,6 +40,11 @@ from medseg.utils import atomic_save_npy, atomic_write_json
 from medseg.workdir import WorkDir
 
 LOCATIONS_PER_CLASS = 10_000
+# Bump when preprocessing's code changes what it writes (crop rule, resampling, normalisation,
+# label mapping, the properties), so that cases preprocessed before are redone.
+PREPROCESSING_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,9 +55,10 @@ class CaseProperties:
     ``geometry``: the input's grid (X, Y, Z). ``bbox``: the crop to nonzero, ``[[start, stop), …]``
     per input axis. ``shape_cropped_transposed``, ``spacing_transposed``: the crop's shape and
     spacing (mm) after the plan's ``transpose_forward``. ``shape_preprocessed``: the resampled grid
-    ``*spatial_t`` the network sees. Training cases also carry ``case_id`` and ``class_locations``:
-    per foreground label (the label value as a string, as in JSON) up to
-    :data:`LOCATIONS_PER_CLASS` sampled voxels ``[d0, d1, d2]`` of the preprocessed grid.
+    ``*spatial_t`` the network sees. Training cases also carry ``case_id``, ``class_locations``:
+    per foreground class (the class index as a string, as in JSON) up to
+    :data:`LOCATIONS_PER_CLASS` sampled voxels ``[d0, d1, d2]`` of the preprocessed grid, and
+    ``made_from``: the :func:`case_recipe` digest of what made them.
     """
 
     geometry: Geometry
@@ -55,9 +68,10 @@ class CaseProperties:
     shape_preprocessed: list[int]
     case_id: str | None = None
     class_locations: dict[str, list[list[int]]] | None = None
+    made_from: str | None = None
 
     def to_dict(self) -> dict:
-        """The ``<case>.json`` content (``case_id``/``class_locations`` only when set)."""
+        """The ``<case>.json`` content (``case_id``/``class_locations``/``made_from`` only when set)."""
         out = {"geometry": self.geometry.to_dict(), "bbox": self.bbox,
                "shape_cropped_transposed": self.shape_cropped_transposed,
                "spacing_transposed": self.spacing_transposed, "shape_preprocessed": self.shape_preprocessed}
@@ -65,12 +79,15 @@ class CaseProperties:
             out["case_id"] = self.case_id
         if self.class_locations is not None:
             out["class_locations"] = self.class_locations
+        if self.made_from is not None:
+            out["made_from"] = self.made_from
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> CaseProperties:
         return cls(Geometry.from_dict(d["geometry"]), d["bbox"], d["shape_cropped_transposed"],
-                   d["spacing_transposed"], d["shape_preprocessed"], d.get("case_id"), d.get("class_locations"))
+                   d["spacing_transposed"], d["shape_preprocessed"], d.get("case_id"), d.get("class_locations"),
+                   d.get("made_from"))
 
     def save(self, path: Path) -> None:
         """Write ``path`` atomically."""
@@ -109,7 +126,9 @@ def preprocess_image(image: np.ndarray, geometry: Geometry,
 
 
 def preprocess_label(label: np.ndarray, props: CaseProperties, config: Configuration, labels: list[int]) -> np.ndarray:
-    """A label map (X, Y, Z) in the input grid → (*spatial_t) in the preprocessed grid of ``props``."""
+    """A label map (X, Y, Z) in the input grid → (*spatial_t) in the preprocessed grid of ``props``;
+    ``labels``: the values it holds (class indices ``range(K)`` for a case, see
+    :func:`~medseg.preprocessing.labels.labels_to_classes`)."""
     seg = crop(label, props.bbox).transpose(config.transpose_forward)
     return resample_labels(seg, props.shape_preprocessed, labels, props.anisotropic(config))
 
@@ -121,14 +140,15 @@ def one_hot(seg: np.ndarray, num_classes: int) -> np.ndarray:
 
 def prior_channels(prior: np.ndarray, props: CaseProperties, config: Configuration,
                    num_classes: int) -> np.ndarray:
-    """A previous stage's label map in the input grid (X, Y, Z) → one-hot (K-1, *spatial_t) in this
+    """A previous stage's map of class indices in the input grid (X, Y, Z) → one-hot (K-1, *spatial_t) in this
     configuration's preprocessed grid (the input a cascade stage gets beside the image)."""
     return one_hot(preprocess_label(prior, props, config, list(range(num_classes))), num_classes)
 
 
 def export_probabilities(probs: np.ndarray, props: CaseProperties, config: Configuration) -> np.ndarray:
-    """Invert preprocessing for softmax probabilities (K, *spatial_t) → label map (X, Y, Z) in the
-    original voxel grid (background outside the crop)."""
+    """Invert preprocessing for softmax probabilities (K, *spatial_t) → map of class indices (X, Y, Z)
+    in the original voxel grid (background outside the crop); label values:
+    :func:`~medseg.preprocessing.labels.classes_to_labels`."""
     probs = resample_probabilities(probs, props.shape_cropped_transposed, props.anisotropic(config))
     seg = np.argmax(probs, axis=0).astype(np.uint8).transpose(config.transpose_backward)
     out = np.zeros(props.geometry.shape, dtype=np.uint8)
@@ -150,6 +170,7 @@ def export_probability_maps(probs: np.ndarray, props: CaseProperties, config: Co
 
 
 def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator) -> dict[str, list[list[int]]]:
+    """Up to :data:`LOCATIONS_PER_CLASS` sampled voxels of each nonzero value of ``labels`` in ``seg``."""
     out = {}
     for lab in labels:
         if lab == 0:
@@ -161,14 +182,35 @@ def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator
     return out
 
 
-def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int]) -> str:
-    case, config, labels, out_dir, seed = args
+def case_recipe(case: Case, config: Configuration, values: list[int], seed: int, root: Path) -> str:
+    """The digest of everything that makes a preprocessed case: :data:`PREPROCESSING_VERSION`, the
+    configuration's spacing, axis order and normalisation, the label values (the class mapping), the
+    sampling seed and size of ``class_locations``, and the case's files (name, size, mtime)."""
+    return digest({"version": PREPROCESSING_VERSION, "spacing": config.spacing,
+                   "transpose_forward": config.transpose_forward,
+                   "normalization": [n.model_dump(mode="json") for n in config.normalization],
+                   "label_values": values, "seed": seed, "locations_per_class": LOCATIONS_PER_CLASS,
+                   "files": case_signature(case, root)})
+
+
+def _recorded_recipe(path: Path) -> str | None:
+    """The ``made_from`` digest of a finished case's ``<case>.json`` (None: absent or unreadable)."""
+    try:
+        return json.loads(path.read_text()).get("made_from")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int, str]) -> str:
+    case, config, values, out_dir, seed, recipe = args
+    (out_dir / f"{case.case_id}.json").unlink(missing_ok=True)  # unfinished until the new one is written
     image, geometry = read_case_image(case)
     label, _ = read_case_label(case)
     data, props = preprocess_image(image, geometry, config)
-    seg = preprocess_label(label, props, config, labels)
-    props = dataclasses.replace(props, case_id=case.case_id,
-                                class_locations=class_locations(seg, labels, np.random.default_rng(seed)))
+    classes = list(range(len(values)))
+    seg = preprocess_label(labels_to_classes(label, values, str(case.label)), props, config, classes)
+    props = dataclasses.replace(props, case_id=case.case_id, made_from=recipe,
+                                class_locations=class_locations(seg, classes, np.random.default_rng(seed)))
     atomic_save_npy(out_dir / f"{case.case_id}.npy", data.astype(np.float32))
     atomic_save_npy(out_dir / f"{case.case_id}_seg.npy", seg[None].astype(np.int8))
     props.save(out_dir / f"{case.case_id}.json")
@@ -177,9 +219,11 @@ def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int]) -> 
 
 def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[str] | None = None,
                        num_workers: int = 1, progress: bool = False, executor: Executor | None = None) -> dict[str, int]:
-    """Preprocess every case for each configuration; cases already done are skipped (in
-    ``executor``'s workers when given, e.g. ``medseg plan``'s pool, forked before torch loaded).
-    Returns the number of cases processed per configuration."""
+    """Preprocess every case for each configuration; cases already done from the same inputs (their
+    :func:`case_recipe`) are skipped (in ``executor``'s workers when given, e.g. ``medseg plan``'s
+    pool, forked before torch loaded). Returns the number of cases processed per configuration."""
+    values = label_values(plans.labels)
+    check_class_count(values, f"{workdir}: plans")
     done: dict[str, int] = {}
     by_data: dict[str, Configuration] = {}
     for key in configs or list(plans.configurations):  # variants of one configuration share its data
@@ -188,8 +232,16 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
     for name, config in by_data.items():
         out_dir = WorkDir.of(workdir).preprocessed(name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        todo = [c for c in ds.cases if not (out_dir / f"{c.case_id}.json").exists()]
-        jobs = [(c, config, sorted(plans.labels), out_dir, plans.seed + ds.cases.index(c)) for c in todo]
+        jobs = []
+        stale = 0
+        for i, c in enumerate(ds.cases):
+            recipe = case_recipe(c, config, values, plans.seed + i, ds.root)
+            recorded = _recorded_recipe(out_dir / f"{c.case_id}.json")
+            if recorded != recipe:
+                jobs.append((c, config, values, out_dir, plans.seed + i, recipe))
+                stale += recorded is not None
+        if stale:
+            log.info("preprocess %s: %d case(s) made by another plan or from changed files; redoing them", name, stale)
         parallel_map(_preprocess_case, jobs, num_workers=num_workers, description=f"preprocess {name}",
                      progress=progress, executor=executor)
         done[name] = len(jobs)

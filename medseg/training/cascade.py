@@ -3,7 +3,8 @@
 Training uses the previous stage's *out-of-fold* predictions (each fold's ``val/<case>``):
 each case's prior comes from the fold that did not train on it, so the cascade learns from the
 errors the previous stage really makes on unseen cases. The priors are resampled once into the
-full-resolution preprocessed grid (the work directory's priors folder, ``<case>.npy``, int8 (1, *S)).
+full-resolution preprocessed grid (the work directory's priors folder, ``<case>.npy``, int8 (1, *S),
+class indices as in the preprocessed label maps; the ``val/`` files hold label values).
 
 During training the prior is augmented as in nnU-Net (:func:`augment_prior`): random
 dilation/erosion/opening/closing per class and removal of a random connected component, so that
@@ -13,6 +14,7 @@ the second stage learns to correct the first rather than copy it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from scipy import ndimage
 from medseg.errors import MedsegError
 from medseg.io.image import read_image
 from medseg.plans.schema import Configuration, Plans
+from medseg.preprocessing.labels import labels_to_classes
 from medseg.preprocessing.pipeline import load_properties, preprocess_label
 from medseg.progress import track
 from medseg.utils import atomic_save_npy
@@ -44,14 +47,17 @@ def oof_path(workdir: Path | WorkDir, previous_key: str, case_id: str) -> Path:
     return hits[0]
 
 
-def oof_segmentation(workdir: Path | WorkDir, previous_key: str, case_id: str) -> np.ndarray:
-    """The previous stage's out-of-fold label map of ``case_id`` (input grid)."""
-    return read_image(oof_path(workdir, previous_key, case_id))[0][0].astype(np.int16)
+def oof_segmentation(workdir: Path | WorkDir, previous_key: str, case_id: str, values: Sequence[int]) -> np.ndarray:
+    """The previous stage's out-of-fold segmentation of ``case_id`` (input grid) as class indices;
+    ``values``: the label value of each class (:attr:`Plans.label_values`), which the file holds."""
+    path = oof_path(workdir, previous_key, case_id)
+    return labels_to_classes(read_image(path)[0][0], values, str(path))
 
 
 def build_priors(workdir: Path | WorkDir, plans: Plans, config: Configuration) -> Path:
     """Resample every case's out-of-fold previous-stage prediction into ``config``'s preprocessed grid
-    (again for a case whose prediction is newer than its prior, e.g. after retraining that stage)."""
+    (again for a case whose prediction or preprocessed case is newer than its prior, e.g. after
+    retraining that stage or re-preprocessing)."""
     work = WorkDir.of(workdir)
     prev = plans.config(config.previous_stage).key
     data = work.preprocessed(config.data_config)
@@ -59,12 +65,14 @@ def build_priors(workdir: Path | WorkDir, plans: Plans, config: Configuration) -
     out.mkdir(parents=True, exist_ok=True)
     ids = sorted(p.stem for p in data.glob("*.json"))
     sources = {c: oof_path(work, prev, c) for c in ids}
-    todo = [c for c in ids if not (out / f"{c}.npy").exists()
-            or (out / f"{c}.npy").stat().st_mtime < sources[c].stat().st_mtime]
+    def newest_input(c: str) -> float:
+        return max(sources[c].stat().st_mtime, (data / f"{c}.json").stat().st_mtime)
+
+    todo = [c for c in ids if not (out / f"{c}.npy").exists() or (out / f"{c}.npy").stat().st_mtime < newest_input(c)]
     for cid in track(todo, total=len(todo), description=f"priors from {prev}", enabled=bool(todo)):
         props = load_properties(data, cid)
-        oof = read_image(sources[cid])[0][0].astype(np.int16)
-        seg = preprocess_label(oof, props, config, sorted(plans.labels))
+        oof = oof_segmentation(work, prev, cid, plans.label_values)
+        seg = preprocess_label(oof, props, config, list(range(plans.num_classes)))
         atomic_save_npy(out / f"{cid}.npy", seg[None].astype(np.int8))
     return out
 

@@ -11,7 +11,8 @@ exactly the batch a single process would.
 Preprocessed case format, in one folder ``F`` (written by ``medseg.preprocessing``):
 
 - ``F/<case>.npy``: float32 image, shape (C, D0, D1, D2), already normalised;
-- ``F/<case>_seg.npy``: int8 labels, shape (1, D0, D1, D2), values 0..K, or -1 outside the image;
+- ``F/<case>_seg.npy``: int8 class indices, shape (1, D0, D1, D2), values 0..K-1 (the dataset's label
+  values mapped to consecutive classes, :mod:`medseg.preprocessing.labels`), or -1 outside the image;
 - ``F/<case>.json``: ``{"class_locations": {"1": [[d0, d1, d2], ...], ...}, ...}``, sampled voxel
   coordinates per foreground class (a list may be empty or a class absent).
 
@@ -291,7 +292,7 @@ class BatchSource:
         ``(seed, epoch, index)``, element by element.
 
         Returns ``{"data": float32 (B, C, *patch_size), "target": int8 (B, 1, *patch_size) with
-        values 0..K, "case_ids": list[str], "locations": int64 (B, 3)}`` with ``B = len(elements)``.
+        class indices 0..K-1, "case_ids": list[str], "locations": int64 (B, 3)}`` with ``B = len(elements)``.
         ``locations[b]`` is the case voxel at the patch's first corner before spatial augmentation
         (2D: ``(slice, d1, d2)``).
 
