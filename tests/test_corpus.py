@@ -652,7 +652,7 @@ CORPUS: list[Bad] = [
         evaluate_run(lambda p, g: _ref_only_text(p, g)), ),
     # serve (the node configuration)
     Bad("serve", "node.json invalid JSON", "invalid JSON", serve_run(lambda t, fx: '{"port": 104,')),
-    Bad("serve", "node.json a JSON list", "Input should be a valid dictionary", serve_run(lambda t, fx: "[]")),
+    Bad("serve", "node.json a JSON list", "expected a JSON object, got list", serve_run(lambda t, fx: "[]")),
     Bad("serve", "node.json without allowed_calling_aets", "allowed_calling_aets",
         serve_run(lambda t, fx: _node(t, None, allowed_calling_aets=None))),
     Bad("serve", "node.json port not a number", "port", serve_run(lambda t, fx: _node(t, None, port="eleven"))),
