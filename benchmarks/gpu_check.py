@@ -28,7 +28,6 @@ pydantic: no SimpleITK, pydicom or highdicom (``tests/test_gpu_check.py`` runs `
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -74,8 +73,12 @@ def _sync(device: str) -> None:
 
 
 def _autocast(device: str):
-    """fp16 autocast on CUDA (as ``train_fold``); fp32 on a CPU."""
-    return torch.autocast("cuda", dtype=torch.float16, enabled=device.startswith("cuda"))
+    """Training's precision on ``device`` (:func:`medseg.training.precision.training_autocast`):
+    fp16 autocast on CUDA, fp32 on a CPU."""
+    from medseg.training.precision import training_autocast
+
+    dtype = training_autocast(device)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def _architecture(features: list[int], patch: list[int], blocks=None):
@@ -86,12 +89,6 @@ def _architecture(features: list[int], patch: list[int], blocks=None):
     strides, kernels = pooling_plan([1.0] * len(patch), patch, max_stages=len(features))
     return Architecture(features=features[:len(strides)], kernel_sizes=kernels, strides=strides,
                         blocks=blocks or Blocks())
-
-
-def _optional_kwargs(fn: Callable, **candidates) -> dict:
-    """The keywords among ``candidates`` that ``fn`` accepts (functions other engineers extend)."""
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in candidates.items() if k in params}
 
 
 def _train_steps(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, device: str,
@@ -280,7 +277,7 @@ def section_ddp(ctx: dict) -> dict:
 
 
 def section_memory(ctx: dict) -> dict:
-    from medseg.planning.memory import estimate_training_bytes, measure_training_peak
+    from medseg.planning.memory import measure_training_peak
 
     device, tiny = ctx["device"], ctx["tiny"]
     cuda = device.startswith("cuda")
@@ -293,20 +290,16 @@ def section_memory(ctx: dict) -> dict:
         torch.backends.cudnn.benchmark = True  # as training sets it: cuDNN's chosen kernels and workspaces
     for patch in patches:
         arch = _architecture(features, patch)
-        # measure_training_peak measures the step as training runs it on the device (fp16 autocast
-        # on CUDA) by its own default; the estimate is asked for that precision where it takes one
-        extra: dict = {}
-        est_extra = _optional_kwargs(estimate_training_bytes, amp=torch.float16 if cuda else None)
+        # measured as training runs the step on the device (fp16 autocast on CUDA); the estimate it
+        # reports is the planner's model for that same precision
         if cuda:
             torch.cuda.empty_cache()
         t = time.perf_counter()
-        m = measure_training_peak(arch, 1, 3, patch=patch, batch=batch, device=device, **extra)
-        est = float(estimate_training_bytes(arch, patch, batch, 1, 3, **est_extra))
+        m = measure_training_peak(arch, 1, 3, patch=patch, batch=batch, device=device)
+        est = float(m["estimate_bytes"])
         ratio = m["peak_bytes"] / est
         row = {"patch": patch, "batch": batch, "features": arch.features, "measured_bytes": int(m["peak_bytes"]),
-               "estimate_bytes": est, "measured_over_estimate": round(ratio, 4),
-               "estimate_bytes_reported_by_measure": m.get("estimate_bytes"),
-               "estimate_amp": str(est_extra.get("amp", "not a parameter")),
+               "estimate_bytes": est, "measured_over_estimate": round(ratio, 4), "amp": m["amp"],
                "seconds": round(time.perf_counter() - t, 2)}
         rows.append(row)
         log(f"  patch {patch}: measured {m['peak_bytes'] / 2**20:.1f} MiB, estimate {est / 2**20:.1f} MiB "

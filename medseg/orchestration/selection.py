@@ -153,8 +153,9 @@ def _evaluate_case(args: tuple) -> list[dict]:
     ref, spacing = source.reference(case_id)
     cache: dict = {}
     rows = []
+    values = label_values(labels)
     for cand in candidates:
-        seg = _segment(source, cand, case_id, cache, label_values(labels))
+        seg = _segment(source, cand, case_id, cache, values)
         if seg.shape != ref.shape:
             raise MedsegError(f"case {case_id}: out-of-fold prediction of {name_of(cand)} has shape {seg.shape}, "
                               f"the reference {ref.shape}")

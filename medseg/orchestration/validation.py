@@ -10,7 +10,7 @@ from medseg.evaluation.overlay import save_overlays
 from medseg.evaluation.report import evaluate_folder, format_summary
 from medseg.inference.predictor import InputCase, Stage, predict_case, read_input
 from medseg.inference.probabilities import save_probabilities
-from medseg.io.dataset import load_dataset
+from medseg.io.dataset import Dataset, load_dataset
 from medseg.io.image import write_image
 from medseg.networks.checkpoint import load_checkpoint
 from medseg.networks.unet import build_network
@@ -28,12 +28,13 @@ def validate_fold(work: WorkDir, plans: Plans, config: Configuration, run: RunDi
                   device: str = "cpu", progress: bool = False) -> dict:
     """Predict the fold's validation cases in full and evaluate them: :func:`predict_validation`,
     then :func:`report_validation`."""
-    predict_s = predict_validation(work, plans, config, run, val_ids, device=device, progress=progress)
-    return report_validation(work, plans, run, val_ids, predict_s)
+    ds = load_dataset(work.dataset_path())
+    predict_s = predict_validation(work, plans, config, run, val_ids, device=device, progress=progress, ds=ds)
+    return report_validation(work, plans, run, val_ids, predict_s, ds=ds)
 
 
 def predict_validation(work: WorkDir, plans: Plans, config: Configuration, run: RunDir, case_ids: list[str], *,
-                       device: str = "cpu", progress: bool = False) -> float:
+                       device: str = "cpu", progress: bool = False, ds: Dataset | None = None) -> float:
     """Predict ``case_ids`` (the fold's validation cases, or a distributed rank's share of them) in
     full; the seconds it took.
 
@@ -41,8 +42,8 @@ def predict_validation(work: WorkDir, plans: Plans, config: Configuration, run: 
     ``val/<case>.npz`` (the out-of-fold probabilities, one channel per class,
     compact, with the case's QC score), which ``medseg find-best`` and the cascade read; with
     mirroring, also the unmirrored pass (free: it is one of the mirrorings) in ``val_no_mirroring/``,
-    on which find-best weighs mirroring."""
-    ds = load_dataset(work.dataset_path())
+    on which find-best weighs mirroring. ``ds``: the loaded dataset (read here when None)."""
+    ds = ds if ds is not None else load_dataset(work.dataset_path())
     model = build_network(config.architecture, plans.input_channels(config), plans.num_classes).to(device)
     model.load_state_dict(load_checkpoint(run.final, map_location=device)["model"])
     stage = Stage(config, [model], plans.num_classes)
@@ -70,9 +71,10 @@ def predict_validation(work: WorkDir, plans: Plans, config: Configuration, run: 
     return time.perf_counter() - t0
 
 
-def report_validation(work: WorkDir, plans: Plans, run: RunDir, val_ids: list[str], predict_s: float) -> dict:
+def report_validation(work: WorkDir, plans: Plans, run: RunDir, val_ids: list[str], predict_s: float,
+                      ds: Dataset | None = None) -> dict:
     """Evaluate the fold's predicted validation cases: ``val_report/`` (metrics, overlays, timing)."""
-    ds = load_dataset(work.dataset_path())
+    ds = ds if ds is not None else load_dataset(work.dataset_path())
     out, ref = run.val, run.val_reference
     summary = evaluate_folder(out, ref, run.val_report, labels=plans.labels)
     save_overlays([(cid, ds.case(cid).images[0], run.val_prediction(cid), next(ref.glob(f"{cid}.*")))

@@ -220,8 +220,8 @@ class PlanningContext:
 
     @property
     def amp(self) -> bool:
-        """Whether training runs under fp16 autocast (CUDA), which the memory model then assumes."""
-        return self.device.startswith("cuda")
+        """Whether training runs under autocast (fp16 on CUDA), which the memory model then assumes."""
+        return training_autocast(self.device) is not None
 
     def costs(self, arch: Architecture, patch: Sequence[int], batch: int) -> CostEstimate:
         """:func:`~medseg.networks.unet.estimate_costs` of a step at this context's precision."""
