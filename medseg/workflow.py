@@ -148,6 +148,9 @@ def info(workdir: Path) -> str:
     plans = Plans.load(WorkDir(workdir).plans)
     lines = [f"dataset {plans.dataset_name}: {len(plans.channel_names)} channel(s) {plans.channel_names}, "
              f"labels {plans.labels}, planned for {plans.device}"]
+    if plans.recommended:
+        lines.append(f"train by default: {', '.join(plans.recommended)}")
+        lines.append(f"    why: {plans.recommendation}")
     for name, c in plans.configurations.items():
         a = c.architecture
         spacing = "x".join(f"{s:g}" for s in (c.spacing if c.dim == 3 else c.spacing[1:]))

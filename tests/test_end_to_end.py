@@ -38,7 +38,12 @@ def test_demo_beats_all_background_and_random(tmp_path):
     # all-background scores Dice 0; random labels score `baseline`
     assert fg > max(0.5, baseline + 0.3), f"demo Dice {fg:.3f} vs random {baseline:.3f}"
     assert (out / "report" / "metrics.png").stat().st_size > 0
-    assert (out / "model" / "runs" / "3d_fullres" / "fold_full" / "curves.png").exists()
+    plans = json.loads((out / "model" / "plans.json").read_text())
+    chosen = plans["recommended"][0]  # the plan's choice for the 3-minute budget
+    run = out / "model" / "runs" / chosen / "fold_full"
+    assert (run / "curves.png").exists()
+    schedule = json.loads((run / "run.json").read_text())["schedule"]
+    assert schedule["actual"]["budget_used"] == pytest.approx(1.0, abs=0.1)  # the budget filled, not cut short
     # a second run reuses everything and predicts nothing new
     again = run_medseg("demo", "-o", str(out), "--minutes", "3", timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]

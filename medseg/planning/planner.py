@@ -71,12 +71,19 @@ CPU_TARGET_ITERATIONS = 2000
 CPU_WIDTH_CHOICES = (32, 24, 16, 12, 8)
 DEFAULT_CPU_TIME_BUDGET_MIN = 30.0
 GPU_EPOCHS, GPU_ITERATIONS = 1000, 250
-CPU_ITERATIONS_PER_EPOCH = 50
+CPU_ITERATIONS_PER_EPOCH = 50  # at most; fewer when an epoch would take more than CPU_EPOCH_SHARE of the budget
+CPU_MIN_ITERATIONS = 10
+CPU_EPOCH_SHARE = 0.04
+CPU_PATCH_TRADE = 1.25  # the narrowest width's step over the target beyond which the patch is shrunk as well
+CPU_MIN_PATCH_SHARE = 0.25  # ... to at least this share of the memory-fitted patch's voxels
 BATCH_EXTRAPOLATION_MARGIN = 0.9  # a larger batch is timed only when batch-2 scaling lands within 10% of the target
 CPU_STEP_OVERHEAD = 1.15  # data loading in a worker process and the per-epoch validation patches
 GPU_REFERENCE_GB = 8.0  # the default GPU budget's cap (nnU-Net's reference budget; see the module docstring)
 GPU_CONTEXT_GB = 1.0  # device memory outside PyTorch's allocator: CUDA context, cuDNN/cuBLAS handles
 GPU_ALLOCATOR_SHARE = 0.8  # of the rest: room for the memory model's +-25% and allocator fragmentation
+CPU_TIMING_WARMUP, CPU_TIMING_REPEATS = 2, 3  # CPU step timing: warm-up steps, then the fastest of these
+CPU_PARALLEL_EFFICIENCY = 0.6  # each intra-op thread beyond the first adds this share of one thread's speed
+TIMING_METHOD = "thread-cpu-time/v1"  # part of the step-time cache key: wall times measured before are not reused
 
 
 VARIANTS = BLOCKS_BY_VARIANT  # variant name → the Blocks its configurations record (read from the registry)
@@ -115,21 +122,50 @@ def default_memory_gb(device: str) -> float:
     return min(0.25 * ram, 8.0)
 
 
+def cpu_speedup(threads: int) -> float:
+    """How many times faster a training step runs on ``threads`` intra-op threads than on one:
+    ``1 + CPU_PARALLEL_EFFICIENCY x (threads - 1)`` (the cost model's one machine-independent constant,
+    measured on the development machine; see :data:`CPU_PARALLEL_EFFICIENCY`)."""
+    return 1.0 + CPU_PARALLEL_EFFICIENCY * (max(1, threads) - 1)
+
+
 def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, in_channels: int,
-                         num_classes: int, device: str = "cpu", steps: int = 1) -> float:
+                         num_classes: int, device: str = "cpu", steps: int = CPU_TIMING_REPEATS) -> float:
     """Seconds per real training step (forward, deep-supervision loss, backward, SGD) on random data,
-    after one warm-up step (which pays the kernel and allocator set-up); the fastest of ``steps``."""
-    _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device, torch_optimizer=False,
-                                         amp=training_autocast(device))
-    best = float("inf")
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
+    the fastest of ``steps`` after :data:`CPU_TIMING_WARMUP` warm-up steps (which pay the kernel and
+    allocator set-up).
+
+    On CUDA: wall-clock seconds. On a CPU the step runs on *one* thread and its thread CPU time is
+    measured (``time.thread_time``), then divided by :func:`cpu_speedup` of the threads training will
+    use. CPU time of one thread does not depend on what else the machine runs (another process on
+    the other core, or time-sliced with this one), where the wall time of a multi-threaded step does
+    (measured on 2 cores with other work running: 0.25-0.3 s of thread time against 1.0-7.5 s of
+    wall time for the same 3D step), so the plan does not depend on the load at planning time."""
+    if device.startswith("cuda"):
+        _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device,
+                                             torch_optimizer=False, amp=training_autocast(device))
+        best = float("inf")
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            step()
             torch.cuda.synchronize(device)
-        if i:
-            best = min(best, time.perf_counter() - t)
-    return best
+            if i:
+                best = min(best, time.perf_counter() - t)
+        return best
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, _, step = synthetic_training_step(arch, patch, batch, in_channels, num_classes, device,
+                                             torch_optimizer=False, amp=None)
+        best = float("inf")
+        for i in range(CPU_TIMING_WARMUP + steps):
+            t = time.thread_time()
+            step()
+            if i >= CPU_TIMING_WARMUP:
+                best = min(best, time.thread_time() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return best / cpu_speedup(threads)
 
 
 def default_timing_cache() -> Path:
@@ -147,7 +183,7 @@ def _machine_key(device: str) -> tuple:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-    return (cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, device, gpu)
+    return (cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, device, gpu, TIMING_METHOD)
 
 
 class StepTimer:
@@ -242,6 +278,7 @@ class Sizing:
     """The width, batch and schedule a device rule chose for a configuration, and why."""
 
     arch: Architecture
+    patch: list[int]
     batch: int
     step_seconds: float | None
     decision: str
@@ -297,20 +334,21 @@ def _gpu_sizing(ctx: PlanningContext, arch: Architecture, patch: list[int], medi
     why = (f"GPU plan: patch {patch} covers the median shape {list(map(int, median_shape))} as far as "
            f"{ctx.memory_gb:.1f} GB allow (AMP: fp16 activations); batch {batch} = min(memory {mem_batch}, "
            f"5% of dataset voxels {batch_cap})")
-    return Sizing(arch, batch, None, why, GPU_EPOCHS, GPU_ITERATIONS, None)
+    return Sizing(arch, patch, batch, None, why, GPU_EPOCHS, GPU_ITERATIONS, None)
 
 
-def _cpu_step_time(ctx: PlanningContext, patch: Sequence[int]) -> tuple[Callable[[Architecture, int], float], str]:
-    """Seconds per training step of (architecture, batch) at ``patch``, and how they are obtained."""
+def _cpu_step_time(ctx: PlanningContext) -> tuple[Callable[[Architecture, Sequence[int], int], float], str]:
+    """Seconds per training step of (architecture, patch, batch), and how they are obtained."""
     n_in, n_cls, throughput = ctx.in_channels, ctx.num_classes, ctx.throughput
     if throughput:  # analytic model at a given FLOP/s (deterministic; used by tests and dry runs)
-        def analytic(a: Architecture, b: int) -> float:
-            return estimate_costs(a, patch, b, n_in, n_cls).train_flops / throughput
+        def analytic(a: Architecture, p: Sequence[int], b: int) -> float:
+            return estimate_costs(a, p, b, n_in, n_cls).train_flops / throughput
         return analytic, f"analytic FLOPs at {throughput / 1e9:.0f} GFLOP/s"
 
-    def measured(a: Architecture, b: int) -> float:  # small networks are dominated by overheads a FLOP count does not see
-        return CPU_STEP_OVERHEAD * ctx.timer(a, patch, b, n_in, n_cls)
-    return measured, f"measured training steps x {CPU_STEP_OVERHEAD} for data loading and validation"
+    def measured(a: Architecture, p: Sequence[int], b: int) -> float:  # small networks: overheads FLOPs do not see
+        return CPU_STEP_OVERHEAD * ctx.timer(a, p, b, n_in, n_cls)
+    return measured, (f"one-thread CPU time of a training step / {cpu_speedup(torch.get_num_threads()):.2f} for "
+                      f"{torch.get_num_threads()} threads x {CPU_STEP_OVERHEAD} for data loading and validation")
 
 
 def _widest_fitting(step_seconds: Callable[[int], float], target: float) -> tuple[int, float]:
@@ -336,39 +374,86 @@ def _widest_fitting(step_seconds: Callable[[int], float], target: float) -> tupl
     return widths[i], seen[i]
 
 
+def _batch_choices(cap: int) -> list[int]:
+    """The batches a CPU plan chooses from, up to ``cap``: :data:`MIN_BATCH`, 3, 4, 6, 8, 12, 16 ...
+    (powers of two and 1.5 x powers of two), so that a small difference between two measurements of
+    the same step moves the batch rarely, and then by one coarse step."""
+    out = sorted({b for k in range(12) for b in (2**k, 3 * 2**k // 2) if MIN_BATCH <= b <= max(cap, MIN_BATCH)})
+    return out or [MIN_BATCH]
+
+
 def _cpu_batch(step_time: Callable[[Architecture, int], float], arch: Architecture, step_s: float,
                target_step: float, cap: int) -> tuple[int, float, str]:
     """Raise the batch from :data:`MIN_BATCH` (whose step takes ``step_s``) toward ``target_step``,
-    at most ``cap``. Returns (batch, its step seconds, a note when they were extrapolated)."""
-    batch = int(min(cap, max(MIN_BATCH, MIN_BATCH * target_step // step_s)))
-    if batch <= MIN_BATCH:
-        return batch, step_s, ""
+    at most ``cap``, choosing from :func:`_batch_choices`. Returns (batch, its step seconds, a note
+    when they were extrapolated)."""
+    choices = _batch_choices(cap)
+    fitting = [b for b in choices if step_s * b / MIN_BATCH <= target_step] or [MIN_BATCH]
+    i = choices.index(fitting[-1])
+    if choices[i] <= MIN_BATCH:
+        return MIN_BATCH, step_s, ""
     # per-sample cost falls with batch size when overheads dominate, or rises a little
-    linear = step_s * batch / MIN_BATCH
-    if linear > BATCH_EXTRAPOLATION_MARGIN * target_step:  # close to the target: time this batch
-        longer = step_time(arch, batch)
-        if longer > target_step:
-            batch = int(max(MIN_BATCH, batch * target_step // longer))
-        return batch, step_time(arch, batch), ""
-    return batch, linear, ", batch step time extrapolated from batch 2"
+    linear = step_s * choices[i] / MIN_BATCH
+    if linear <= BATCH_EXTRAPOLATION_MARGIN * target_step:
+        return choices[i], linear, ", batch step time extrapolated from batch 2"
+    longer = step_time(arch, choices[i])  # close to the target: time this batch, one choice down if it misses
+    while longer > target_step and i > 0:
+        i -= 1
+        longer = step_time(arch, choices[i]) if choices[i] > MIN_BATCH else step_s
+    return choices[i], longer, ""
+
+
+def _cpu_schedule(budget_min: float, step_s: float) -> tuple[int, int]:
+    """(epochs, iterations per epoch) that fill ``budget_min`` at ``step_s`` seconds per step: an epoch
+    is at most :data:`CPU_EPOCH_SHARE` of the budget (:data:`CPU_MIN_ITERATIONS` to
+    :data:`CPU_ITERATIONS_PER_EPOCH` steps), so a time-budgeted run, which decides before every epoch
+    whether another one fits (``medseg.training.loop``), ends within half an epoch of its budget."""
+    budget_s = budget_min * 60.0
+    iters = int(np.clip(CPU_EPOCH_SHARE * budget_s // step_s, CPU_MIN_ITERATIONS, CPU_ITERATIONS_PER_EPOCH))
+    return max(1, int(round(budget_s / (step_s * iters)))), iters
+
+
+def _cpu_patch_trade(ctx: PlanningContext, step_time: Callable[[Architecture, list[int], int], float],
+                     spacing: Sequence[float], patch: list[int], blocks: Blocks, base: int, step_s: float,
+                     target_step: float) -> tuple[Architecture, list[int], float, str]:
+    """When even the narrowest width's step is more than :data:`CPU_PATCH_TRADE` times the target,
+    shrink the patch too (all axes by one factor, to the target's share of the voxels but at least
+    :data:`CPU_MIN_PATCH_SHARE`): a CPU plan that gets a few hundred steps in its budget learns less
+    than one that sees smaller patches more often. Returns (architecture, patch, step seconds, note)."""
+    arch, _ = _architecture(spacing, patch, base, blocks)
+    if step_s <= CPU_PATCH_TRADE * target_step:
+        return arch, patch, step_s, ""
+    share = max(CPU_MIN_PATCH_SHARE, target_step / step_s)
+    scale = share ** (1.0 / len(patch))
+    smaller = [max(2 * topology.MIN_FEATURE_MAP, int(p * scale)) for p in patch]
+    small_arch, smaller = _architecture(spacing, smaller, base, blocks)
+    if np.prod(smaller) >= np.prod(patch):
+        return arch, patch, step_s, ""
+    small_s = step_time(small_arch, smaller, MIN_BATCH)
+    return small_arch, smaller, small_s, (f"; even width {base} takes {step_s:.3f} s per step at patch {patch}, "
+                                          f"{step_s / target_step:.1f}x the target, so the patch was shrunk to "
+                                          f"{smaller} ({np.prod(smaller) / np.prod(patch):.0%} of the voxels, "
+                                          f"est. {small_s:.3f} s/step)")
 
 
 def _cpu_sizing(ctx: PlanningContext, spacing: Sequence[float], patch: list[int], median_shape: Sequence[float],
                 blocks: Blocks, cap: int) -> Sizing:
-    """Compute-bound rule: the widest width whose batch-2 step meets the time budget's step target,
-    then the batch raised toward that target (at most ``cap``, the GPU-style batch)."""
+    """Compute-bound rule: the widest width whose batch-2 step meets the time budget's step target
+    (the patch shrunk as well when even the narrowest misses it by far), then the batch raised
+    toward that target (at most ``cap``, the GPU-style batch); the schedule fills the budget."""
     target_step = ctx.time_budget_min * 60.0 / CPU_TARGET_ITERATIONS
-    step_time, how = _cpu_step_time(ctx, patch)
-    base, step_s = _widest_fitting(lambda w: step_time(_architecture(spacing, patch, w, blocks)[0], MIN_BATCH),
+    step_time, how = _cpu_step_time(ctx)
+    base, step_s = _widest_fitting(lambda w: step_time(_architecture(spacing, patch, w, blocks)[0], patch, MIN_BATCH),
                                    target_step)
-    arch, _ = _architecture(spacing, patch, base, blocks)
-    batch, step_s, extrapolated = _cpu_batch(step_time, arch, step_s, target_step, cap)
+    arch, patch, step_s, traded = _cpu_patch_trade(ctx, step_time, spacing, patch, blocks, base, step_s, target_step)
+    batch, step_s, extrapolated = _cpu_batch(lambda a, b: step_time(a, patch, b), arch, step_s, target_step, cap)
+    epochs, iters = _cpu_schedule(ctx.time_budget_min, step_s)
     why = (f"CPU plan (compute-bound): {ctx.time_budget_min:g} min budget / {CPU_TARGET_ITERATIONS} target steps "
            f"= {target_step:.3f} s per step ({how}); widest base width from {list(CPU_WIDTH_CHOICES)} meeting "
            f"it is {base} at batch {batch} (est. {step_s:.3f} s/step{extrapolated}); patch {patch} from median shape "
-           f"{list(map(int, median_shape))}; GPU-style batch would be {cap}")
-    iters = CPU_ITERATIONS_PER_EPOCH
-    return Sizing(arch, batch, step_s, why, int(np.ceil(CPU_TARGET_ITERATIONS / iters)), iters, ctx.time_budget_min)
+           f"{list(map(int, median_shape))}{traded}; GPU-style batch would be {cap}; schedule {epochs} epochs x "
+           f"{iters} iterations = {epochs * iters} steps to fill the budget")
+    return Sizing(arch, patch, batch, step_s, why, epochs, iters, ctx.time_budget_min)
 
 
 def _plan_configuration(ctx: PlanningContext, name: str, spacing: list[float], median_shape: list[float],
@@ -383,6 +468,7 @@ def _plan_configuration(ctx: PlanningContext, name: str, spacing: list[float], m
         sizing = _gpu_sizing(ctx, arch, patch, median_shape, mem_batch, batch_cap)
     else:
         sizing = _cpu_sizing(ctx, spacing, patch, median_shape, blocks, min(batch_cap, mem_batch))
+    patch = sizing.patch
     try:
         check_buildable(sizing.arch, patch)
     except PlanError as e:
@@ -502,5 +588,61 @@ def plan_dataset(fp: Fingerprint, *, device: str = "cpu", memory_gb: float | Non
             casc.memory.decision = (f"3d_fullres's plan, with the one-hot {low.key} segmentation as "
                                     f"{ctx.num_classes - 1} extra input channel(s); " + c.memory.decision)
             out[low.key], out[casc.key] = low, casc
+    recommended, why = recommend(out, dev, time_budget_min)
     return Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, device=dev,
-                 seed=seed, configurations=out, medseg_version=__version__)
+                 seed=seed, configurations=out, medseg_version=__version__, recommended=recommended,
+                 recommendation=why)
+
+
+CPU_3D_MIN_WIDTH = 16  # 3d_fullres is chosen on a CPU when it gets its target steps at this base width or wider
+CPU_BOTH_MIN_WIDTH = 24  # ... and 2d is trained beside it (for find-best's ensemble) from this width
+
+
+def _steps_in_budget(c: Configuration, budget_min: float) -> int:
+    return int(budget_min * 60.0 / c.memory.step_seconds_estimate) if c.memory.step_seconds_estimate else 0
+
+
+def recommend(configs: dict[str, Configuration], device: str, budget_min: float) -> tuple[list[str], str]:
+    """Which planned configuration(s) to train by default, and why.
+
+    On CUDA: 3d_fullres (nnU-Net's usual winner; train the others too and let ``find-best`` choose).
+    On a CPU the budget decides, from what learns fastest per second: a 3D network learns more per
+    step (context in all three axes) but needs its steps. 3d_fullres is chosen when its plan gets
+    :data:`CPU_TARGET_ITERATIONS` steps in the budget at base width :data:`CPU_3D_MIN_WIDTH` or more
+    without shrinking the patch (2d beside it from :data:`CPU_BOTH_MIN_WIDTH`); otherwise 2d, whose
+    steps are an order of magnitude cheaper. Measured on hippocampus (docs/benchmarks.md): at 5 CPU
+    minutes per fold 2d reaches 0.859 and 3d_fullres 0.747 (narrowest width, ~1/3 of its target
+    steps); at 30 minutes 3d_fullres, 16 wide with its 2000 steps, reaches 0.868. The first variant
+    planned is the one recommended."""
+    first = {}
+    for key, c in configs.items():
+        first.setdefault(c.name, key)
+    if not first:
+        return [], ""
+    if device == "cuda" or not ({"2d", "3d_fullres"} & set(first)):
+        key = first.get("3d_fullres", next(iter(first.values())))
+        return [key], (f"{device.upper()} plan: {key} (nnU-Net's usual choice); train the other configurations too "
+                       "and run `medseg find-best` to let cross-validation choose")
+    if "3d_fullres" not in first or "2d" not in first:
+        key = next(k for n, k in first.items() if n in ("2d", "3d_fullres"))
+        return [key], f"{key}: the only one of 2d and 3d_fullres planned"
+    c3, c2 = configs[first["3d_fullres"]], configs[first["2d"]]
+    steps3, steps2 = _steps_in_budget(c3, budget_min), _steps_in_budget(c2, budget_min)
+    width3, width2 = c3.architecture.features[0], c2.architecture.features[0]
+    traded = "patch was shrunk" in c3.memory.decision
+    meets = steps3 >= 0.9 * CPU_TARGET_ITERATIONS and not traded
+    facts = (f"in {budget_min:g} min 3d_fullres gets ~{steps3} steps at width {width3}, patch "
+             f"{'x'.join(map(str, c3.patch_size))}; 2d ~{steps2} steps at width {width2}")
+    if meets and width3 >= CPU_BOTH_MIN_WIDTH:
+        return [first["3d_fullres"], first["2d"]], (
+            f"CPU plan: 3d_fullres and 2d ({facts}): the budget gives 3d_fullres its {CPU_TARGET_ITERATIONS} steps at "
+            f"width >= {CPU_BOTH_MIN_WIDTH}, and 2d beside it is cheap; `medseg find-best` chooses or ensembles")
+    if meets and width3 >= CPU_3D_MIN_WIDTH:
+        return [first["3d_fullres"]], (
+            f"CPU plan: 3d_fullres ({facts}): the budget gives it its {CPU_TARGET_ITERATIONS} steps at width >= "
+            f"{CPU_3D_MIN_WIDTH}, where a 3D network learns more per second than 2d")
+    return [first["2d"]], (
+        f"CPU plan: 2d ({facts}): 3d_fullres would get {'a shrunk patch' if traded else 'too few steps'} "
+        f"{'' if traded else f'or too narrow a network (needs {CPU_TARGET_ITERATIONS} steps at width >= {CPU_3D_MIN_WIDTH}) '}"
+        f"in this budget, where 2d learns faster per second (hippocampus, 5 min per fold: 2d 0.859 vs "
+        f"3d_fullres 0.747); plan with a larger --time-budget for 3d_fullres")

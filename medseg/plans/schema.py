@@ -169,9 +169,20 @@ class Plans(_Model):
     seed: int = 0
     configurations: dict[str, Configuration]
     medseg_version: str
+    # the configuration(s) `medseg train` and `medseg demo` train when none is named, and why the
+    # planner chose them for the budget (empty in plans made before the planner chose)
+    recommended: list[str] = Field(default_factory=list)
+    recommendation: str = ""
 
     def config(self, name: str) -> Configuration:
         return self.configurations[look_up(name, self.configurations, "configuration")]
+
+    def default_configurations(self) -> list[str]:
+        """What to train when no configuration is named: :attr:`recommended`, else 3d_fullres (when
+        planned), else the first configuration."""
+        if self.recommended:
+            return list(self.recommended)
+        return ["3d_fullres"] if "3d_fullres" in self.configurations else list(self.configurations)[:1]
 
     @property
     def label_values(self) -> list[int]:
@@ -227,6 +238,12 @@ class InferenceChoice(_Model):
     dice_without_mirroring: float | None = None
     tolerance: float = 0.005
     decided: str = "mirroring on (not measured)"
+    # the forward pass's backend (medseg.inference.backends), switched from torch by `medseg find-best
+    # --try-backends` when its out-of-fold foreground Dice is within ``tolerance`` of torch's
+    backend: str = "torch"
+    dice_torch: float | None = None
+    dice_backend: dict[str, float] = Field(default_factory=dict)
+    backend_decided: str = "torch (not measured)"
 
 
 class ChosenModel(_Model):

@@ -61,10 +61,15 @@ EMA_DECAY = 0.9
 
 @dataclass
 class Budget:
+    """How long a run trains. ``fill``: a time budget without a fixed number of epochs: ``epochs`` is
+    then the plan's estimate, and the run trains epoch after epoch while the next one is expected to
+    end within half an epoch of ``time_budget_min`` (the learning rate annealed over the time)."""
+
     epochs: int
     iterations_per_epoch: int
     val_iterations: int
     time_budget_min: float | None = None
+    fill: bool = False
 
     @classmethod
     def from_plan(cls, config: Configuration, epochs: int | None = None, iterations_per_epoch: int | None = None,
@@ -73,7 +78,7 @@ class Budget:
         if time_budget_min is None and epochs is None and iterations_per_epoch is None:
             time_budget_min = t.time_budget_min  # the plan's wall clock applies unless the user set a budget
         return cls(epochs or t.epochs, iterations_per_epoch or t.iterations_per_epoch, t.val_iterations,
-                   time_budget_min)
+                   time_budget_min, fill=bool(time_budget_min) and epochs is None)
 
 
 def poly_lr(initial: float, progress: float, exponent: float = 0.9) -> float:
@@ -81,10 +86,24 @@ def poly_lr(initial: float, progress: float, exponent: float = 0.9) -> float:
 
 
 def _progress(epoch: int, elapsed_s: float, budget: Budget) -> float:
-    p = epoch / budget.epochs
+    """How far the run is, 0 → 1: the time's share of a filled budget, else the further along of epochs and time."""
+    p = 0.0 if budget.fill else epoch / budget.epochs
     if budget.time_budget_min:
         p = max(p, elapsed_s / (60.0 * budget.time_budget_min))
     return p
+
+
+EPOCH_TIME_WINDOW = 3  # epochs whose mean duration predicts the next one's
+
+
+def _epoch_seconds(history: list[dict[str, Any]], elapsed_s: float) -> float | None:
+    """Mean wall seconds of the last :data:`EPOCH_TIME_WINDOW` epochs, checkpointing included (from
+    the epochs' ``elapsed_s`` marks and the time now); None before the first epoch."""
+    if not history:
+        return None
+    k = min(EPOCH_TIME_WINDOW, len(history))
+    start = history[-k - 1]["elapsed_s"] if len(history) > k else 0.0
+    return (elapsed_s - start) / k
 
 
 def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> np.ndarray:
@@ -231,18 +250,24 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
         if setup.is_main:
             _write_run_json(setup, device)
         clock = _Clock(state)
-        with _progress_bar(f"train {config.key} fold {fold}", budget.epochs, state.epoch,
-                           progress and setup.is_main) as advance:
+        # a filled budget's bar counts seconds (its ETA is the budget's end), else epochs
+        done = (lambda: int(clock.elapsed())) if budget.fill else (lambda: state.epoch)
+        total = int(60 * budget.time_budget_min) if budget.fill else budget.epochs
+        with _progress_bar(f"train {config.key} fold {fold}", total, done(), progress and setup.is_main) as advance:
             while (lr := _next_epoch(setup, state, clock, device)) is not None:
                 _run_epoch(setup, parts, state, clock, lr, train_src, val_src, num_workers)
                 if setup.is_main:
                     with _signals_held():
                         _save_epoch(setup, parts, state)
-                advance(state.epoch)
+                advance(min(done(), total))
     if setup.is_main:
         save_checkpoint(setup.run_dir.final, FinalCheckpoint(parts.network.state_dict(), config.key, str(fold),
                                                              state.epoch, state.elapsed_s))
-        log.info("training done: %d epochs in %.1f min", state.epoch, state.elapsed_s / 60)
+        schedule = _record_schedule(setup, state)
+        log.info("training done: %d epochs in %.1f min (planned: %d epochs, %s)", state.epoch, state.elapsed_s / 60,
+                 budget.epochs, f"{budget.time_budget_min:g} min" if budget.time_budget_min else "no time budget")
+        if schedule["actual"]["budget_used"] is not None:
+            log.info("time budget used: %.0f%%", 100 * schedule["actual"]["budget_used"])
     distributed.barrier()
     return setup.run_dir.path
 
@@ -340,6 +365,28 @@ def _write_run_json(setup: FoldSetup, device: str) -> None:
     atomic_write_text(setup.run_dir.run_json, json.dumps(meta, indent=2))
 
 
+def _record_schedule(setup: FoldSetup, state: TrainingState) -> dict[str, Any]:
+    """Planned against actual (epochs, steps, minutes, seconds per step) into ``run.json``'s ``schedule``."""
+    budget, config = setup.budget, setup.config
+    steps = state.epoch * budget.iterations_per_epoch
+    train_s = sum(h.get("train_s", 0.0) for h in state.history)
+    schedule = {
+        "planned": {"epochs": budget.epochs, "iterations_per_epoch": budget.iterations_per_epoch,
+                    "steps": budget.epochs * budget.iterations_per_epoch, "minutes": budget.time_budget_min,
+                    "fill": budget.fill, "step_seconds_estimate": config.memory.step_seconds_estimate},
+        "actual": {"epochs": state.epoch, "steps": steps, "minutes": state.elapsed_s / 60,
+                   "step_seconds": train_s / steps if steps and train_s else None,
+                   "epoch_seconds": state.elapsed_s / state.epoch if state.epoch else None,
+                   "budget_used": (state.elapsed_s / (60 * budget.time_budget_min)
+                                   if budget.time_budget_min else None),
+                   "final_lr": state.history[-1]["lr"] if state.history else None},
+    }
+    meta = json.loads(setup.run_dir.run_json.read_text()) if setup.run_dir.run_json.exists() else {}
+    meta["schedule"] = schedule
+    atomic_write_text(setup.run_dir.run_json, json.dumps(meta, indent=2))
+    return schedule
+
+
 @contextmanager
 def _progress_bar(description: str, total: int, completed: int, enabled: bool) -> Iterator[Callable[[int], None]]:
     """A bar of epochs when ``enabled``; yields ``advance(epochs_done)``."""
@@ -359,7 +406,11 @@ def _progress_bar(description: str, total: int, completed: int, enabled: bool) -
 
 
 def _continues(state: TrainingState, clock: _Clock, budget: Budget) -> bool:
-    return state.epoch < budget.epochs and _progress(state.epoch, clock.elapsed(), budget) < 1.0
+    elapsed = clock.elapsed()
+    if budget.fill:  # another epoch when it is expected to end no later than half an epoch past the budget
+        epoch_s = _epoch_seconds(state.history, elapsed) or 0.0
+        return elapsed + 0.5 * epoch_s < 60.0 * budget.time_budget_min
+    return state.epoch < budget.epochs and _progress(state.epoch, elapsed, budget) < 1.0
 
 
 def _next_epoch(setup: FoldSetup, state: TrainingState, clock: _Clock, device: str) -> float | None:
