@@ -203,8 +203,9 @@ def info(workdir: Path = typer.Argument(..., help="Work directory made by `medse
 @cluster_options
 def train(
     workdir: Path = typer.Argument(..., help="Work directory made by `medseg plan`."),
-    config: str = typer.Option("3d_fullres", "-c", "--config", help="Configuration, or several comma-separated "
-                               "(trained one after the other; with --executor slurm one job array over all)."),
+    config: str = typer.Option(None, "-c", "--config", help="Configuration, or several comma-separated "
+                               "(trained one after the other; with --executor slurm one job array over all). "
+                               "Default: the plan's choice for its budget (`medseg info`: 'train by default')."),
     fold: str = typer.Option("0", "-f", "--fold",
                              help="0..4, 'all' (the five cross-validation folds, then the out-of-fold report) "
                                   "or 'full' (one model on every case)."),
@@ -225,6 +226,10 @@ def train(
     """Train one fold, all five (-f all) or one model on every case (-f full) of a configuration."""
     options = {"epochs": epochs, "iterations_per_epoch": iterations, "time_budget_min": time_budget,
                "num_workers": workers, "validate_full": not no_validation}
+    if config is None:
+        from medseg.plans.schema import Plans
+
+        config = ",".join(Plans.load(WorkDir(workdir).plans).default_configurations())
     if cluster is not None:
         from medseg.cluster.jobs import submit_training
 
@@ -284,6 +289,10 @@ def predict(
     stitch_device: str = typer.Option("auto", "--stitch-device",
                                       help="Where the sliding window's stitched output lives: auto (the GPU when "
                                            "it fits comfortably in its free memory, else the CPU), cpu or cuda:N."),
+    backend: str = typer.Option(None, "--backend",
+                                help="The network's forward pass: torch, or on a CPU onnxruntime, onnxruntime-int8, "
+                                     "openvino, openvino-int8 (pip install 'medseg[cpu-fast]'; see "
+                                     "docs/benchmarks.md). Default: model.json's choice, else torch."),
     cluster=None,
 ) -> None:
     """Segment new images; outputs have the input's exact geometry. Writes predict_summary.json/.csv
@@ -293,7 +302,8 @@ def predict(
         fold_list = [f if not f.isdigit() else int(f) for f in _configs(folds)]
     fields = {"step": step, "tta": tta, "save_probabilities": save_probabilities, "save_attention": save_attention,
               "save_uncertainty": save_uncertainty, "postprocess": not no_postprocessing, "overwrite": overwrite,
-              "series": series, "output_format": output_format, "stitch_device": stitch_device}
+              "series": series, "output_format": output_format, "stitch_device": stitch_device,
+              "backend": backend}
     if cluster is not None:
         from medseg.cluster.jobs import submit_predict
 
@@ -322,11 +332,18 @@ def find_best(
     workers: int = typer.Option(None, "--workers"),
     after: str = typer.Option(None, "--after", help="Slurm: start after these comma-separated jobs succeeded "
                               "(default: this work directory's training jobs that have not ended)."),
+    try_backends: str = typer.Option(None, "--try-backends",
+                                     help="Also choose the CPU forward pass: re-predict the chosen model's "
+                                          "out-of-fold cases with these comma-separated backends (or 'auto': "
+                                          "the installed ones) and use the fastest whose foreground Dice is "
+                                          "within 0.005 of torch's (recorded in model.json)."),
     cluster=None,
 ) -> None:
     """Choose the model on out-of-fold predictions: every configuration and pairwise ensemble, then
     postprocessing and the QC threshold. Writes model.json and find_best/ (table, plot)."""
     if cluster is not None:
+        if try_backends:
+            raise typer.BadParameter("--try-backends runs locally only; run find-best without --executor slurm")
         from medseg.cluster.jobs import submit_find_best
 
         _print_jobs({"find-best": submit_find_best(workdir, cluster(workdir), configs=_configs(configs),
@@ -335,7 +352,8 @@ def find_best(
     from medseg.orchestration.selection import find_best as run
     from medseg.workflow import default_workers
 
-    chosen, report = run(workdir, configs=_configs(configs), num_workers=workers or default_workers(), progress=True)
+    chosen, report = run(workdir, configs=_configs(configs), num_workers=workers or default_workers(), progress=True,
+                         try_backends=_configs(try_backends))
     print(report)
     console.print(f"[green]model written[/]: {WorkDir(workdir).model}")
 

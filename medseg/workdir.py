@@ -102,6 +102,16 @@ class RunDir:
     def val_report(self) -> Path:
         return self.path / "val_report"
 
+    @property
+    def backends(self) -> Path:
+        """``backends/``: the network exported for a faster inference backend (medseg.inference.backends)."""
+        return self.path / "backends"
+
+    def backend_model(self, name: str, which: str = "final", suffix: str = ".onnx") -> Path:
+        """``backends/<checkpoint>_<backend>.onnx``: ``checkpoint_<which>.pt`` exported for backend ``name``;
+        ``suffix=".json"`` is its stamp (the checkpoint's size and mtime it was made from)."""
+        return self.backends / f"{self.checkpoint(which).stem.removeprefix('checkpoint_')}_{name}{suffix}"
+
     def val_prediction(self, case_id: str, suffix: str = ".nii.gz") -> Path:
         return self.val / f"{case_id}{suffix}"
 
@@ -187,6 +197,12 @@ class WorkDir:
     @property
     def find_best(self) -> Path:
         return self.root / "find_best"
+
+    @property
+    def backend_trials(self) -> Path:
+        """``find_best/backends/<backend>/<config>/<case>.npz``: the out-of-fold cases re-predicted with
+        each backend by ``medseg find-best --try-backends`` (removed once evaluated)."""
+        return self.find_best / "backends"
 
     # cluster jobs
     @property

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from medseg.errors import CheckpointError, MedsegError
+from medseg.inference.backends import available, backend_network, check_backend
 from medseg.inference.postprocessing import apply_postprocessing
 from medseg.inference.sliding_window import predict_volume
 from medseg.inference.uncertainty import entropy_map
@@ -34,7 +35,12 @@ from medseg.networks.checkpoint import load_checkpoint
 from medseg.networks.unet import build_network
 from medseg.plans.schema import ChosenModel, Configuration, Plans
 from medseg.preprocessing.labels import classes_to_labels, label_dtype, labels_to_classes
-from medseg.preprocessing.pipeline import export_probability_maps, preprocess_image, prior_channels
+from medseg.preprocessing.pipeline import (
+    export_probabilities,
+    export_probability_maps,
+    preprocess_image,
+    prior_channels,
+)
 from medseg.progress import track
 from medseg.utils import atomic_path, atomic_write_json, resolve_device
 
@@ -117,8 +123,11 @@ def read_input(case: InputCase, num_channels: int):
 
 
 def load_models(workdir: Path | WorkDir, plans: Plans, config: Configuration, folds: list[Fold], device: str,
-                checkpoint: str = "final") -> list[torch.nn.Module]:
+                checkpoint: str = "final", backend: str = "torch") -> list[torch.nn.Module]:
+    """Each fold's network on ``device``; for a ``backend`` other than ``torch``, a predictor running
+    its exported copy instead (see :mod:`medseg.inference.backends`; CPU only)."""
     work = WorkDir.of(workdir)
+    check_backend(backend)
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # every window has the patch's shape: cuDNN tunes once
     models = []
@@ -129,7 +138,9 @@ def load_models(workdir: Path | WorkDir, plans: Plans, config: Configuration, fo
         state = load_checkpoint(path, map_location=device)
         net = build_network(config.architecture, plans.input_channels(config), plans.num_classes)
         net.load_state_dict(state["model"])
-        models.append(net.to(device).eval())
+        models.append(backend_network(net.to(device).eval(), backend, run=work.run(config.key, fold), work=work,
+                                      config=config, in_channels=plans.input_channels(config), checkpoint=checkpoint,
+                                      device=device))
     return models
 
 
@@ -150,7 +161,8 @@ class Stage:
     previous: Stage | None = None
 
 
-def load_stage(workdir: Path | WorkDir, plans: Plans, key: str, folds: list[Fold] | None, device: str) -> Stage:
+def load_stage(workdir: Path | WorkDir, plans: Plans, key: str, folds: list[Fold] | None, device: str,
+               backend: str = "torch") -> Stage:
     config = plans.config(key)
     folds = folds if folds is not None else default_folds(workdir, config.key)
     if not folds:
@@ -161,32 +173,45 @@ def load_stage(workdir: Path | WorkDir, plans: Plans, key: str, folds: list[Fold
         if not default_folds(workdir, prev.key):
             raise CheckpointError(f"{workdir}: {config.key} needs its previous stage {prev.key}, which has no "
                                   "finished fold")
-        previous = load_stage(workdir, plans, prev.key, None, device)
-    return Stage(config, load_models(workdir, plans, config, folds, device), plans.num_classes, previous)
+        previous = load_stage(workdir, plans, prev.key, None, device, backend)
+    return Stage(config, load_models(workdir, plans, config, folds, device, backend=backend), plans.num_classes,
+                 previous)
 
 
 @dataclass
 class CasePrediction:
     """Softmax probabilities (K, X, Y, Z) in the input's grid (mean over models and mirrorings), each
-    model's QC score and, on request, attention coefficients (gates, X, Y, Z)."""
+    model's QC score and, on request, attention coefficients (gates, X, Y, Z). A prediction made
+    without probabilities (``predict_case(..., probabilities=False)``) has ``probabilities`` None and
+    only ``classes``, the argmax taken channel by channel while resampling."""
 
-    probabilities: np.ndarray
+    probabilities: np.ndarray | None
     qc_scores: list[float] = field(default_factory=list)
     attention: np.ndarray | None = None
     bbox: list[list[int]] | None = None  # the preprocessing crop; every channel but 0 is 0 outside it
     unmirrored: np.ndarray | None = None  # on request: the probabilities without mirroring (K, X, Y, Z)
+    classes: np.ndarray | None = None  # (X, Y, Z) uint8 class indices, when probabilities were not kept
 
     @property
     def segmentation(self) -> np.ndarray:
         """(X, Y, Z) class indices (the argmax); files hold label values (:func:`classes_to_labels`)."""
-        return self.probabilities.argmax(axis=0).astype(np.uint8)
+        if self.classes is not None:
+            return self.classes
+        probs = self.probabilities
+        out = np.empty(probs.shape[1:], dtype=np.uint8)
+        for i in range(probs.shape[1]):  # slab by slab: no int64 (X, Y, Z) index array
+            out[i] = probs[:, i].argmax(axis=0)
+        return out
 
 
 def predict_case(stage: Stage, image: np.ndarray, geometry, *, step: float = 0.5, tta: bool = True,
                  device: str = "cpu", attention: bool = False, prior: np.ndarray | None = None,
-                 keep_unmirrored: bool = False, stitch_device: str | None = None) -> CasePrediction:
+                 keep_unmirrored: bool = False, stitch_device: str | None = None,
+                 probabilities: bool = True) -> CasePrediction:
     """Raw image (C, X, Y, Z) → :class:`CasePrediction` in the input grid. A cascade stage runs its
     previous stage first unless ``prior`` (that stage's label map in the input grid) is given.
+    ``probabilities=False`` keeps only the class map (``classes``; the same labels, without any
+    (K, X, Y, Z) array: see :func:`~medseg.preprocessing.pipeline.export_probabilities`).
     ``keep_unmirrored`` also returns the pass without mirroring (free: it is one of the mirrorings).
     ``stitch_device``: where the stitched probabilities live, see
     :func:`~medseg.inference.sliding_window.predict_volume` (None: its rule)."""
@@ -195,14 +220,18 @@ def predict_case(stage: Stage, image: np.ndarray, geometry, *, step: float = 0.5
     if config.previous_stage:
         if prior is None:
             prior = predict_case(stage.previous, image, geometry, step=step, tta=tta, device=device,
-                                 stitch_device=stitch_device).segmentation
+                                 stitch_device=stitch_device, probabilities=False).segmentation
         data = np.concatenate([data, prior_channels(prior, props, config, stage.num_classes)])
     mirror = config.training.mirror_axes if tta else []
     scores: list[float] = []
     plain: list | None = [] if keep_unmirrored else None
     probs = predict_volume(stage.models, data, config.patch_size, step=step, mirror_axes=mirror, device=device,
                            qc_scores=scores, unmirrored=plain, stitch_device=stitch_device)
-    out = CasePrediction(export_probability_maps(probs, props, config), scores, bbox=props.bbox)
+    if probabilities:
+        out = CasePrediction(export_probability_maps(probs, props, config), scores, bbox=props.bbox)
+    else:
+        out = CasePrediction(None, scores, bbox=props.bbox, classes=export_probabilities(probs, props, config))
+    del probs
     if plain:
         out.unmirrored = export_probability_maps(plain[0], props, config)
     if attention:
@@ -216,14 +245,19 @@ def ensemble(predictions: list[CasePrediction]) -> CasePrediction:
     """Mean of the members' probabilities; the QC scores of all their models."""
     if len(predictions) == 1:
         return predictions[0]
-    probs = np.mean([p.probabilities for p in predictions], axis=0)
+    if any(p.probabilities is None for p in predictions):
+        raise MedsegError("ensemble: every member needs its probabilities (predict_case(..., probabilities=True))")
+    probs = predictions[0].probabilities.copy()  # summed in place: the same values as np.mean, one copy
+    for p in predictions[1:]:
+        probs += p.probabilities
+    probs /= len(predictions)
     return CasePrediction(probs, [s for p in predictions for s in p.qc_scores])
 
 
 def _chosen_model(work: WorkDir, plans: Plans, config_name: str | None,
                   folds: list[Fold] | None) -> tuple[list[str], dict, ChosenModel | None]:
     """Which configurations and folds to run: ``config_name`` when given, else ``model.json``, else
-    the single trained configuration (3d_fullres first)."""
+    the trained configuration the plan recommends, else 3d_fullres, else the first trained."""
     if config_name is None and work.model.exists():
         chosen = ChosenModel.load(work.model)
         if folds is not None:
@@ -233,7 +267,8 @@ def _chosen_model(work: WorkDir, plans: Plans, config_name: str | None,
         trained = [c for c in plans.configurations if work.trained_folds(c)]
         if not trained:
             raise CheckpointError(f"{work}: no trained configuration (no {work.describe_trained()})")
-        config_name = "3d_fullres" if "3d_fullres" in trained else trained[0]
+        preferred = [c for c in plans.default_configurations() if c in trained]  # the plan's choice first
+        config_name = (preferred or (["3d_fullres"] if "3d_fullres" in trained else trained))[0]
     key = plans.config(config_name).key
     return [key], {key: folds}, None
 
@@ -250,17 +285,26 @@ class LoadedModel:
     chosen: ChosenModel | None
     stages: list[Stage]
     device: str
+    backend: str = "torch"
 
     @classmethod
     def load(cls, workdir: Path, *, config_name: str | None = None, folds: list[Fold] | None = None,
-             device: str = "cpu") -> LoadedModel:
+             device: str = "cpu", backend: str | None = None) -> LoadedModel:
         """``config_name``/``folds``: as given, else ``model.json``'s, else the trained configuration
-        (3d_fullres first) with every finished fold (see :func:`default_folds`)."""
+        (3d_fullres first) with every finished fold (see :func:`default_folds`). ``backend``: the
+        forward pass's (:data:`~medseg.inference.backends.BACKENDS`); None: ``model.json``'s choice on
+        a CPU, else torch."""
         work = WorkDir.of(workdir)
         plans = Plans.load(work.plans)
         members, member_folds, chosen = _chosen_model(work, plans, config_name, folds)
-        stages = [load_stage(work, plans, m, member_folds[m], device) for m in members]
-        return cls(work.root, plans, members, chosen, stages, device)
+        if backend is None:
+            backend = chosen.inference.backend if chosen and device.startswith("cpu") else "torch"
+            if not available(backend):
+                log.warning("model.json chose backend %s, which is not installed here (pip install "
+                            "'medseg[cpu-fast]'); predicting with torch", backend)
+                backend = "torch"
+        stages = [load_stage(work, plans, m, member_folds[m], device, backend) for m in members]
+        return cls(work.root, plans, members, chosen, stages, device, backend)
 
 
 OutputFormat = Literal["nifti", "dicom-seg", "both"]
@@ -289,6 +333,8 @@ class PredictOptions:
     - ``stitch_device``: where the sliding window's stitched output and the sums over mirrorings
       live: ``auto`` (the model's device when that output fits comfortably in its free memory, else
       the CPU: :func:`~medseg.inference.sliding_window.choose_stitch_device`), ``cpu`` or a CUDA device.
+    - ``backend``: the network's forward pass: ``torch``, or a faster CPU runtime of
+      :data:`~medseg.inference.backends.BACKENDS`; ``None`` follows ``model.json``'s choice (torch without one).
     """
 
     step: float = 0.5
@@ -304,6 +350,7 @@ class PredictOptions:
     part: int = 0
     progress: bool = False
     stitch_device: str = "auto"
+    backend: str | None = None
 
 
 def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, options: PredictOptions | None = None, *,
@@ -330,11 +377,14 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
     if isinstance(model, LoadedModel):
         given = [name for name, value in (("config_name", config_name), ("folds", folds), ("device", device))
                  if value is not None]
+        if options.backend is not None and options.backend != model.backend:
+            given.append("backend")
         if given:
             raise MedsegError(f"predict_folder: {', '.join(given)} choose what to load from a work directory; the "
                               "LoadedModel given has its own (pass them to LoadedModel.load)")
     else:
-        model = LoadedModel.load(Path(model), config_name=config_name, folds=folds, device=device or "cpu")
+        model = LoadedModel.load(Path(model), config_name=config_name, folds=folds, device=device or "cpu",
+                                 backend=options.backend)
     plans, members, chosen = model.plans, model.members, model.chosen
     if options.save_attention:
         ungated = [m for m in members if not plans.config(m).architecture.blocks.attention_gates]
@@ -366,10 +416,13 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
     if len(todo) < len(cases):
         log.info("skipping %d case(s) already predicted (use --overwrite to redo)", len(cases) - len(todo))
     flagged = []
+    # the (K, X, Y, Z) probabilities only when written or averaged over configurations; else labels only
+    keep_probabilities = options.save_probabilities or options.save_uncertainty or len(model.stages) > 1
     for case in track(todo, total=len(todo), description="predict", enabled=options.progress):
         image, geometry = read_input(case, len(plans.channel_names))
         preds = [predict_case(s, image, geometry, step=options.step, tta=tta, device=model.device,
-                              attention=options.save_attention, stitch_device=stitch_device) for s in model.stages]
+                              attention=options.save_attention, stitch_device=stitch_device,
+                              probabilities=keep_probabilities) for s in model.stages]
         pred = ensemble(preds)
         values = plans.label_values  # files hold the dataset's label values; model.json's classes are values too
         seg = apply_postprocessing(classes_to_labels(pred.segmentation, values), pp)

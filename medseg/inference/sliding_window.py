@@ -9,6 +9,13 @@ large CT with many classes need not hold its full-size probabilities in GPU memo
 (:func:`choose_stitch_device`): on the compute device when :data:`STITCH_COPIES` full-size float32
 copies of the output take at most :data:`STITCH_FREE_SHARE` of the device's free memory, else on
 the CPU. On a CPU both are the CPU and nothing changes.
+
+Memory: each pass is stitched into MONAI's one float32 output, the softmax is taken in place there
+(:func:`softmax_`), mirrorings and models are summed in place (a mirrored pass is flipped slab by
+slab into the sum) and the QC score is taken slab by slab, so that without mirroring one model holds
+one (K, *S) float32 copy (and MONAI's (1, *S) count map), with mirroring or several models two or
+three. Every sum adds in the same order as ``a + b`` would, so the values are bit-identical to the
+straightforward computation.
 """
 
 from __future__ import annotations
@@ -22,15 +29,14 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
-from medseg.inference.uncertainty import qc_score
-
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 # Full-size float32 copies of the output that are alive at once at the worst point of
 # predict_volume: the running sum over models, the unmirrored pass kept on request, and inside
-# predict_logits_tta the sum over mirrorings, the stitched output or its softmax, its flip and the
-# new sum (MONAI's count map adds 1/K more).
-STITCH_COPIES = 6
+# predict_logits_tta the sum over mirrorings and the stitched pass (its softmax is taken in place off
+# CUDA; on CUDA one more copy), MONAI's count map adds 1/K more.
+STITCH_COPIES = 5
+SLAB_VOXELS = 1 << 21  # voxels per slab of the slab-wise steps (flipped sums, QC score)
 STITCH_FREE_SHARE = 0.5  # the other half stays for the windows' activations and the allocator's slack
 
 
@@ -71,8 +77,48 @@ def _windowed(predictor: Predictor, x: torch.Tensor, patch: Sequence[int], step:
                                     cval=0.0, sw_device=x.device, device=stitch)
 
 
-def _softmax(t: torch.Tensor) -> torch.Tensor:
+def softmax_(t: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1, in place where the kernel allows it (a contiguous CPU tensor: the CPU kernel
+    reads each element before it writes it, bit-identical to ``torch.softmax``), else a new tensor."""
+    if t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32:
+        return torch.ops.aten._softmax.out(t, 1, False, out=t)
     return torch.softmax(t, dim=1)
+
+
+_softmax = softmax_
+
+
+def _slabs(n: int, plane: int) -> list[slice]:
+    """Slices of ``range(n)`` with about :data:`SLAB_VOXELS` voxels each (``plane`` voxels per index)."""
+    step = max(1, SLAB_VOXELS // max(1, plane))
+    return [slice(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def add_flipped_(total: torch.Tensor, p: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """``total += torch.flip(p, dims)`` in place, slab by slab along dim 2 (no full-size flipped copy)."""
+    if not dims:
+        return total.add_(p)
+    n = total.shape[2]
+    for s in _slabs(n, int(np.prod(total.shape[3:])) * total.shape[1]):
+        src = slice(n - s.stop, n - s.start) if 2 in dims else s
+        total[:, :, s] += torch.flip(p[:, :, src], list(dims))
+    return total
+
+
+def qc_score_slabs(probs: np.ndarray) -> float:
+    """:func:`~medseg.inference.uncertainty.qc_score` of (K, *S) probabilities, computed slab by slab
+    along axis 1: the same float32 entropies of the same voxels, averaged at once."""
+    from medseg.inference.uncertainty import entropy_map
+
+    parts = []
+    for s in _slabs(probs.shape[1], int(np.prod(probs.shape[2:])) * probs.shape[0]):
+        p = probs[:, s]
+        fg = p.argmax(axis=0) > 0
+        if fg.any():
+            parts.append(entropy_map(p)[fg])
+    if not parts:
+        return 1.0
+    return float(np.concatenate(parts).mean())
 
 
 @torch.inference_mode()
@@ -92,11 +138,14 @@ def predict_logits_tta(predictor: Predictor, x: torch.Tensor, patch: Sequence[in
         dims = [a + 2 for a in axes]
         xi = torch.flip(x, dims) if dims else x
         p = transform(_windowed(predictor, xi, patch, step, sw_batch, stitch).float())
-        p = torch.flip(p, dims) if dims else p
         if not dims and unmirrored is not None:
-            unmirrored.append(p)  # never changed in place below
-        total = p if total is None else total + p
-    return total / len(sets)
+            unmirrored.append(p)  # never changed in place below: the sum starts from a copy then
+        if total is None:
+            total = torch.flip(p, dims) if dims else (p.clone() if unmirrored is not None and len(sets) > 1 else p)
+        else:
+            add_flipped_(total, p, dims)
+        del p
+    return total.div_(len(sets)) if len(sets) > 1 else total
 
 
 def attention_predictor(model: torch.nn.Module) -> Predictor:
@@ -150,8 +199,12 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
                 p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2,
                                        unmirrored=plain, stitch_device=stitch)
         if qc_scores is not None:
-            qc_scores.append(qc_score(volume(p)))
-        total = p if total is None else total + p
+            qc_scores.append(qc_score_slabs(volume(p)))
+        if total is None:  # a pass also kept in ``plain`` is never summed into in place
+            total = p.clone() if len(models) > 1 and plain and p is plain[-1] else p
+        else:
+            total.add_(p)
+        del p
     if plain:
         unmirrored.append(volume(sum(plain) / len(plain)))
-    return volume(total / len(models))
+    return volume(total.div_(len(models)) if len(models) > 1 else total)

@@ -17,6 +17,10 @@
    eight) against with it; mirroring is turned off when the difference is within
    :data:`MIRRORING_TOLERANCE` (it multiplies the network passes by 8). The figures go to
    ``model.json`` (``inference``).
+6. **Backend** (opt-in, ``--try-backends``): each fold of the chosen model's members re-predicts its
+   validation cases with each faster CPU backend (:mod:`medseg.inference.backends`; all members the
+   same backend, the chosen mirroring); the first of :data:`BACKEND_PREFERENCE` whose foreground
+   Dice is within the same tolerance of torch's is chosen (:func:`decide_backend`), else torch.
 
 Outputs: ``model.json`` and ``find_best/`` (``candidates.csv``, ``candidates.png``, ``cases.csv``,
 ``postprocessing.json``, ``qc.csv``, ``qc.png``, ``report.md``).
@@ -27,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +56,7 @@ from medseg.workdir import WorkDir
 log = logging.getLogger(__name__)
 DICE_DECIMALS = 4
 MIRRORING_TOLERANCE = 0.005  # foreground Dice a prediction may lose without mirroring (8x fewer passes)
+BACKEND_PREFERENCE = ("openvino", "onnxruntime")  # fastest first; the forward pass's CPU backends that pay
 
 Candidate = tuple[str, ...]
 
@@ -299,9 +305,134 @@ def decide_mirroring(source, best: Candidate, labels: Mapping[int, str], dice_wi
                            tolerance=tolerance, decided=f"mirroring {how}")
 
 
+def decide_backend(choice: InferenceChoice, dice_torch: float, dice_backend: Mapping[str, float], *,
+                   preference: Sequence[str] = BACKEND_PREFERENCE) -> InferenceChoice:
+    """``choice`` with the first backend of ``preference`` (fastest first, measured in
+    docs/benchmarks.md) whose out-of-fold foreground Dice in ``dice_backend`` is within
+    ``choice.tolerance`` of torch's ``dice_torch`` (both with ``choice``'s mirroring), else torch.
+    The figures come from re-predicting the out-of-fold cases with each backend, which find-best
+    does not do by itself (see ``medseg.inference.backends``)."""
+    chosen, how = "torch", "torch: no backend measured"
+    for name in preference:
+        if name not in dice_backend:
+            continue
+        cost = dice_torch - dice_backend[name]
+        ok = bool(cost <= choice.tolerance)
+        how = (f"{name if ok else 'torch'}: out-of-fold foreground Dice {dice_torch:.4f} with torch, "
+               f"{dice_backend[name]:.4f} with {name} ({cost:+.4f} {'within' if ok else 'beyond'} the "
+               f"{choice.tolerance:g} tolerance)")
+        if ok:
+            chosen = name
+            break
+    return choice.model_copy(update={"backend": chosen, "dice_torch": dice_torch, "dice_backend": dict(dice_backend),
+                                     "backend_decided": how})
+
+
+NOT_TRIED = "torch: not tried; --try-backends"
+
+
+def backend_candidates(names: Sequence[str] | str | None) -> tuple[list[str], list[str]]:
+    """(the backends to try, notes on those skipped): ``names`` a list (or comma string) of
+    :data:`~medseg.inference.backends.BACKENDS`, or ``auto`` (the installed ones of
+    :data:`BACKEND_PREFERENCE`); ``torch`` is the reference, not a candidate. Fastest first."""
+    from medseg.inference.backends import available, check_backend
+
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names or [])
+    if names == ["auto"]:
+        names = list(BACKEND_PREFERENCE)
+    names = [check_backend(n) for n in dict.fromkeys(names) if n != "torch"]
+    ordered = [n for n in BACKEND_PREFERENCE if n in names] + [n for n in names if n not in BACKEND_PREFERENCE]
+    notes = [f"{n} skipped: not installed (pip install 'medseg[cpu-fast]')" for n in ordered if not available(n)]
+    return [n for n in ordered if available(n)], notes
+
+
+class BackendPredictions:
+    """The out-of-fold cases of ``source`` re-predicted with one backend (``folder/<config>/<case>.npz``)."""
+
+    def __init__(self, source: OutOfFold, folder: Path) -> None:
+        self.source, self.folder = source, folder
+        self.case_ids = source.case_ids
+
+    def path(self, key: str, case_id: str) -> Path:
+        return self.folder / key / f"{case_id}.npz"
+
+    def probabilities(self, key: str, case_id: str) -> np.ndarray:
+        return load_probabilities(self.path(key, case_id))
+
+    def reference(self, case_id: str) -> tuple[np.ndarray, Sequence[float]]:
+        return self.source.reference(case_id)
+
+
+def predict_with_backend(work: WorkDir, plans: Plans, source: OutOfFold, members: Candidate, backend: str,
+                         folder: Path, *, mirroring: bool, progress: bool = False) -> BackendPredictions:
+    """Each member's folds re-predict their validation cases on the CPU with ``backend`` (each fold its
+    own model, as :func:`~medseg.orchestration.validation.predict_validation` with the final
+    checkpoint), mirroring or not; the probabilities go to ``folder``."""
+    from medseg.inference.predictor import InputCase, Stage, load_models, predict_case, read_input
+    from medseg.inference.probabilities import save_probabilities
+    from medseg.progress import track
+    from medseg.training.cascade import oof_segmentation
+
+    ds = load_dataset(work.dataset_path())
+    out = BackendPredictions(source, folder)
+    for key in members:
+        config = plans.config(key)
+        (folder / key).mkdir(parents=True, exist_ok=True)
+        for fold in source.folds[key]:
+            stage = Stage(config, load_models(work, plans, config, [fold], "cpu", backend=backend), plans.num_classes)
+            val_ids = [c for c in fold_case_ids(work, plans, config, fold)[1] if c in set(out.case_ids)]
+            for cid in track(val_ids, total=len(val_ids), description=f"{key} fold {fold} with {backend}",
+                             enabled=progress):
+                image, geometry = read_input(InputCase(cid, ds.case(cid).images, ".nii.gz"), len(plans.channel_names))
+                prior = (oof_segmentation(work, plans.config(config.previous_stage).key, cid, plans.label_values)
+                         if config.previous_stage else None)
+                pred = predict_case(stage, image, geometry, tta=mirroring, device="cpu", prior=prior)
+                save_probabilities(out.path(key, cid), pred.probabilities, pred.bbox, qc_score=pred.qc_scores[0])
+    return out
+
+
+def measure_backends(work: WorkDir, plans: Plans, source: OutOfFold, best: Candidate, labels: Mapping[int, str],
+                 choice: InferenceChoice, names: Sequence[str] | str, *, num_workers: int = 1,
+                 progress: bool = False) -> InferenceChoice:
+    """``choice`` with the backend decided on ``best``'s out-of-fold cases re-predicted with each of
+    ``names`` (:func:`backend_candidates`), against torch's Dice with ``choice``'s mirroring."""
+    candidates, notes = backend_candidates(names)
+    for note in notes:
+        log.warning("find-best --try-backends: %s", note)
+    dice_torch = choice.dice_with_mirroring if choice.mirroring else choice.dice_without_mirroring
+    if not candidates:
+        return choice.model_copy(update={"dice_torch": dice_torch, "backend_decided": "torch: no backend tried ("
+                                         + ("; ".join(notes) or "none asked for") + ")"})
+    dice_backend: dict[str, float] = {}
+    for name in candidates:
+        folder = work.backend_trials / name
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            preds = predict_with_backend(work, plans, source, best, name, folder, mirroring=choice.mirroring,
+                                         progress=progress)
+            rows = parallel_map(_evaluate_case, [(preds, c, [best], labels) for c in preds.case_ids],
+                                num_workers=num_workers, description=f"evaluate with {name}", progress=progress)
+            table = summarize_candidates(pd.DataFrame([r for case_rows in rows for r in case_rows]), [best], labels)
+            dice_backend[name] = float(table.iloc[0]["dice_fg"])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        log.info("find-best: out-of-fold foreground Dice of %s with %s: %.4f (torch %.4f)", name_of(best), name,
+                 dice_backend[name], dice_torch)
+    if work.backend_trials.is_dir() and not any(work.backend_trials.iterdir()):
+        work.backend_trials.rmdir()
+    decided = decide_backend(choice, dice_torch, dice_backend, preference=candidates)
+    how = decided.backend_decided + (f"; every member of {name_of(best)} with the same backend" if len(best) > 1
+                                     else "") + (f" ({'; '.join(notes)})" if notes else "")
+    log.info("find-best: backend %s", how)
+    return decided.model_copy(update={"backend_decided": how})
+
+
 def find_best(workdir: Path | WorkDir, *, configs: Sequence[str] | None = None, num_workers: int = 1,
-              progress: bool = False) -> tuple[ChosenModel, str]:
-    """Evaluate the candidates, choose, decide postprocessing and QC; write ``model.json`` and the report."""
+              progress: bool = False, try_backends: Sequence[str] | str | None = None) -> tuple[ChosenModel, str]:
+    """Evaluate the candidates, choose, decide postprocessing and QC (and, with ``try_backends``, the
+    forward pass's backend: :func:`backend_candidates`); write ``model.json`` and the report."""
     work = WorkDir.of(workdir)
     workdir = work.root
     plans = Plans.load(work.plans)
@@ -326,6 +457,11 @@ def find_best(workdir: Path | WorkDir, *, configs: Sequence[str] | None = None, 
     after = sel.pp_figures["dice_after"]
     inference = decide_mirroring(source.unmirrored(sel.best), sel.best, labels, float(row["dice_fg"]),
                                  num_workers=num_workers, progress=progress)
+    if try_backends:
+        inference = measure_backends(work, plans, source, sel.best, labels, inference, try_backends,
+                                  num_workers=num_workers, progress=progress)
+    else:
+        inference = inference.model_copy(update={"backend_decided": NOT_TRIED})
     chosen = ChosenModel(
         members=list(sel.best), folds={k: list(source.folds[k]) for k in sel.best}, postprocessing=sel.postprocessing,
         qc=QualityControl(threshold=sel.threshold, quantile=FLAG_QUANTILE, spearman_vs_dice=sel.spearman,
@@ -375,7 +511,7 @@ def _report(table: pd.DataFrame, chosen: ChosenModel, pp_figures: dict, labels: 
               f" (foreground Dice {np.nanmean(list(before.values())):.4f} → {np.nanmean(list(after.values())):.4f}; "
               f"largest foreground component alone: {pp_figures['foreground_gain']:+.4f})."]
     q = chosen.qc
-    lines += ["", f"Prediction: {chosen.inference.decided}."]
+    lines += ["", f"Prediction: {chosen.inference.decided}; backend {chosen.inference.backend_decided}."]
     lines += ["", f"QC: Spearman(score, case Dice) = {q.spearman_vs_dice:.3f}; threshold {q.threshold:.4f} "
               f"(the {q.quantile:.0%} quantile) flags {int(qc['flagged'].sum())} cases, {flagged_worst} of the "
               f"{n_worst} lowest-Dice cases."]

@@ -641,8 +641,9 @@ def recommend(configs: dict[str, Configuration], device: str, budget_min: float)
         return [first["3d_fullres"]], (
             f"CPU plan: 3d_fullres ({facts}): the budget gives it its {CPU_TARGET_ITERATIONS} steps at width >= "
             f"{CPU_3D_MIN_WIDTH}, where a 3D network learns more per second than 2d")
+    short = "a shrunk patch" if traded else (f"too few steps or too narrow a network (needs {CPU_TARGET_ITERATIONS} "
+                                              f"steps at width >= {CPU_3D_MIN_WIDTH})")
     return [first["2d"]], (
-        f"CPU plan: 2d ({facts}): 3d_fullres would get {'a shrunk patch' if traded else 'too few steps'} "
-        f"{'' if traded else f'or too narrow a network (needs {CPU_TARGET_ITERATIONS} steps at width >= {CPU_3D_MIN_WIDTH}) '}"
+        f"CPU plan: 2d ({facts}): 3d_fullres would get {short} "
         f"in this budget, where 2d learns faster per second (hippocampus, 5 min per fold: 2d 0.859 vs "
         f"3d_fullres 0.747); plan with a larger --time-budget for 3d_fullres")

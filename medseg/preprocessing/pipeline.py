@@ -34,7 +34,8 @@ from medseg.preprocessing.resampling import (
     new_shape_for,
     resample_image,
     resample_labels,
-    resample_probabilities,
+    resample_probabilities_argmax,
+    resampled_channels,
 )
 from medseg.utils import atomic_save_npy, atomic_write_json
 from medseg.workdir import WorkDir
@@ -149,8 +150,8 @@ def export_probabilities(probs: np.ndarray, props: CaseProperties, config: Confi
     """Invert preprocessing for softmax probabilities (K, *spatial_t) → map of class indices (X, Y, Z)
     in the original voxel grid (background outside the crop); label values:
     :func:`~medseg.preprocessing.labels.classes_to_labels`."""
-    probs = resample_probabilities(probs, props.shape_cropped_transposed, props.anisotropic(config))
-    seg = np.argmax(probs, axis=0).astype(np.uint8).transpose(config.transpose_backward)
+    seg = resample_probabilities_argmax(probs, props.shape_cropped_transposed, props.anisotropic(config))
+    seg = seg.transpose(config.transpose_backward)  # one channel at a time: never (K, *cropped) at once
     out = np.zeros(props.geometry.shape, dtype=np.uint8)
     out[tuple(slice(a, b) for a, b in props.bbox)] = seg
     return out
@@ -159,13 +160,16 @@ def export_probabilities(probs: np.ndarray, props: CaseProperties, config: Confi
 def export_probability_maps(probs: np.ndarray, props: CaseProperties, config: Configuration,
                             background_first: bool = True) -> np.ndarray:
     """Like :func:`export_probabilities` but keeps the (K, X, Y, Z) maps: channel 0 is 1 outside the
-    crop when ``background_first`` (probabilities), every channel 0 otherwise (e.g. attention maps)."""
-    probs = resample_probabilities(probs, props.shape_cropped_transposed, props.anisotropic(config))
-    probs = probs.transpose([0] + [t + 1 for t in config.transpose_backward])
+    crop when ``background_first`` (probabilities), every channel 0 otherwise (e.g. attention maps).
+    Each channel is resampled and pasted on its own: the result is the only (K, X, Y, Z) array made."""
     out = np.zeros((probs.shape[0], *props.geometry.shape), dtype=np.float32)
     if background_first:
         out[0] = 1.0
-    out[(slice(None), *(slice(a, b) for a, b in props.bbox))] = probs
+    inside = tuple(slice(a, b) for a, b in props.bbox)
+    channels = resampled_channels(probs, props.shape_cropped_transposed, props.anisotropic(config))
+    for k, p in enumerate(channels):
+        out[k][inside] = p.transpose(config.transpose_backward)
+        del p
     return out
 
 

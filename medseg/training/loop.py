@@ -430,7 +430,12 @@ def _run_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState
     into ``state`` (epoch, EMA, history, elapsed time)."""
     epoch, budget, t = state.epoch, setup.budget, setup.training
     t_epoch = time.perf_counter()
-    losses = _train_steps(parts, train_src.iterate(epoch, budget.iterations_per_epoch, num_workers), lr, t.grad_clip)
+    # a filled budget ends inside an epoch that overruns it (a machine slowed by other work); not in a
+    # distributed run, whose ranks must all take the same steps
+    over = ((lambda: clock.elapsed() >= 60.0 * budget.time_budget_min) if budget.fill and setup.group is None
+            else None)
+    losses = _train_steps(parts, train_src.iterate(epoch, budget.iterations_per_epoch, num_workers), lr, t.grad_clip,
+                          over)
     train_s = time.perf_counter() - t_epoch
     train_loss = distributed.all_mean(float(np.mean(losses)), parts.device)  # the global batch's loss
     if val_src is None:  # another rank validates
@@ -444,7 +449,7 @@ def _run_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState
     rec = EpochRecord(epoch=epoch + 1, lr=lr, train_loss=train_loss, val_loss=val.loss,
                       pseudo_dice=pseudo, pseudo_dice_per_class=val.per_class.tolist(), pseudo_dice_ema=state.ema,
                       epoch_s=time.perf_counter() - t_epoch, train_s=train_s,
-                      samples_per_s=budget.iterations_per_epoch * setup.config.batch_size / max(train_s, 1e-9),
+                      samples_per_s=len(losses) * setup.config.batch_size / max(train_s, 1e-9),
                       elapsed_s=clock.elapsed())
     state.history.append(asdict(rec))
     log.info("epoch %d/%d  train %.4f  val %.4f  pseudo-Dice %.3f (ema %.3f)  lr %.5f  %.1fs", rec.epoch,
@@ -462,8 +467,9 @@ def _to_device(batch: dict[str, Any], device: str) -> tuple[torch.Tensor, torch.
 
 
 def _train_steps(parts: TrainingComponents, batches: Iterable[dict[str, Any]], lr: float,
-                 grad_clip: float) -> list[float]:
-    """One SGD step per batch at ``lr`` (AMP on CUDA, gradients clipped); the losses."""
+                 grad_clip: float, over: Callable[[], bool] | None = None) -> list[float]:
+    """One SGD step per batch at ``lr`` (AMP on CUDA, gradients clipped); the losses. ``over``: when
+    it returns True after a step, the epoch ends there."""
     model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
     for g in optimizer.param_groups:
         g["lr"] = lr
@@ -480,6 +486,8 @@ def _train_steps(parts: TrainingComponents, batches: Iterable[dict[str, Any]], l
         scaler.step(optimizer)
         scaler.update()
         losses.append(loss.item())
+        if over is not None and over():
+            break
     return losses
 
 
