@@ -413,8 +413,8 @@ def _cpu_schedule(budget_min: float, step_s: float) -> tuple[int, int]:
     return max(1, int(round(budget_s / (step_s * iters)))), iters
 
 
-def _cpu_patch_trade(ctx: PlanningContext, step_time: Callable[[Architecture, list[int], int], float],
-                     spacing: Sequence[float], patch: list[int], blocks: Blocks, base: int, step_s: float,
+def _cpu_patch_trade(step_time: Callable[[Architecture, list[int], int], float], spacing: Sequence[float],
+                     patch: list[int], blocks: Blocks, base: int, step_s: float,
                      target_step: float) -> tuple[Architecture, list[int], float, str]:
     """When even the narrowest width's step is more than :data:`CPU_PATCH_TRADE` times the target,
     shrink the patch too (all axes by one factor, to the target's share of the voxels but at least
@@ -445,7 +445,7 @@ def _cpu_sizing(ctx: PlanningContext, spacing: Sequence[float], patch: list[int]
     step_time, how = _cpu_step_time(ctx)
     base, step_s = _widest_fitting(lambda w: step_time(_architecture(spacing, patch, w, blocks)[0], patch, MIN_BATCH),
                                    target_step)
-    arch, patch, step_s, traded = _cpu_patch_trade(ctx, step_time, spacing, patch, blocks, base, step_s, target_step)
+    arch, patch, step_s, traded = _cpu_patch_trade(step_time, spacing, patch, blocks, base, step_s, target_step)
     batch, step_s, extrapolated = _cpu_batch(lambda a, b: step_time(a, patch, b), arch, step_s, target_step, cap)
     epochs, iters = _cpu_schedule(ctx.time_budget_min, step_s)
     why = (f"CPU plan (compute-bound): {ctx.time_budget_min:g} min budget / {CPU_TARGET_ITERATIONS} target steps "
