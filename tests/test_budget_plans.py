@@ -58,7 +58,9 @@ def test_a_plan_made_while_another_process_keeps_a_core_busy_equals_the_idle_pla
     common = sorted(set(idle_timer.memo) & set(fresh.memo))
     assert len(common) >= 4
     ratios = [fresh.memo[k] / idle_timer.memo[k] for k in common]
-    assert all(0.8 < r < 1.25 for r in ratios), ratios  # wall time of a 2-thread step: up to 7x under load
+    # wall time of a 2-thread step: up to 7x under load; thread time: median 0.95-1.10, single steps
+    # up to 1.31 in CI (the two cores share caches and memory bandwidth with the busy one)
+    assert 0.8 < float(np.median(ratios)) < 1.25 and all(0.67 < r < 1.5 for r in ratios), ratios
     assert remembered.measured == 0 and remembered.reused > 0
     assert _structure(loaded) == _structure(idle)
     assert loaded.model_dump() == idle.model_dump()

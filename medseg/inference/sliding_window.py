@@ -186,25 +186,26 @@ def predict_volume(models: Sequence[torch.nn.Module], data: np.ndarray, patch: S
     stitch = None if stitch_device in (None, "auto") else torch.device(stitch_device)
     if stitch is None and x.device.type != "cuda":
         stitch = x.device  # the rule's answer off CUDA, without the probe
-    for model in models:
-        model.eval()
-        predictor = attention_predictor(model) if attention else model
-        with autocast, torch.inference_mode():
-            if stitch is None:  # the rule, decided once from the first model's output channels
-                stitch = choose_stitch_device(x.device, x.shape[0], output_channels(predictor, x, patch), x.shape[2:])
-            if attention:
-                p = predict_logits_tta(predictor, x, patch, step=step, mirror_axes=mirror_axes,
-                                       sw_batch=8 if two_d else 2, transform=lambda t: t, stitch_device=stitch)
+    with torch.inference_mode():  # the sums below are of inference tensors, so they stay inside it
+        for model in models:
+            model.eval()
+            predictor = attention_predictor(model) if attention else model
+            with autocast:
+                if stitch is None:  # the rule, decided once from the first model's output channels
+                    stitch = choose_stitch_device(x.device, x.shape[0], output_channels(predictor, x, patch), x.shape[2:])
+                if attention:
+                    p = predict_logits_tta(predictor, x, patch, step=step, mirror_axes=mirror_axes,
+                                           sw_batch=8 if two_d else 2, transform=lambda t: t, stitch_device=stitch)
+                else:
+                    p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2,
+                                           unmirrored=plain, stitch_device=stitch)
+            if qc_scores is not None:
+                qc_scores.append(qc_score_slabs(volume(p)))
+            if total is None:  # a pass also kept in ``plain`` is never summed into in place
+                total = p.clone() if len(models) > 1 and plain and p is plain[-1] else p
             else:
-                p = predict_logits_tta(model, x, patch, step=step, mirror_axes=mirror_axes, sw_batch=8 if two_d else 2,
-                                       unmirrored=plain, stitch_device=stitch)
-        if qc_scores is not None:
-            qc_scores.append(qc_score_slabs(volume(p)))
-        if total is None:  # a pass also kept in ``plain`` is never summed into in place
-            total = p.clone() if len(models) > 1 and plain and p is plain[-1] else p
-        else:
-            total.add_(p)
-        del p
-    if plain:
-        unmirrored.append(volume(sum(plain) / len(plain)))
-    return volume(total.div_(len(models)) if len(models) > 1 else total)
+                total.add_(p)
+            del p
+        if plain:
+            unmirrored.append(volume(sum(plain) / len(plain)))
+        return volume(total.div_(len(models)) if len(models) > 1 else total)
