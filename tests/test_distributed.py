@@ -140,7 +140,9 @@ def test_a_killed_rank_ends_the_run_with_one_clear_error_and_the_run_resumes_exa
     _tiny_plan(msd_dataset, one)
     _tiny_plan(msd_dataset, two)
     epochs = 8
-    train_fold(one, "3d_fullres", 0, epochs=epochs, num_workers=0)
+    # the reference is the same two-process run uninterrupted: after 8 epochs the one-process
+    # weights differ by rounding alone (2.2e-5 measured), while a resumed run must equal its own kind
+    distributed.launch(2, train_fold, one, "3d_fullres", 0, epochs=epochs, num_workers=0)
     train = ("train", two, "-c", "3d_fullres", "-f", "0", "--epochs", epochs, "--nproc", 2, "--workers", 0,
              "--no-validation")
     run = _medseg(*train)
@@ -164,7 +166,7 @@ def test_a_killed_rank_ends_the_run_with_one_clear_error_and_the_run_resumes_exa
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert [r["epoch"] for r in _log(two)] == list(range(1, epochs + 1))
-    assert _max_difference(_final_weights(one), _final_weights(two)) < TOLERANCE
+    assert _max_difference(_final_weights(one), _final_weights(two)) < 1e-7
 
 
 def test_medseg_train_started_by_torchrun_joins_the_group_from_the_environment(msd_dataset, tmp_path):

@@ -80,17 +80,23 @@ def test_spawned_workers_give_the_same_results(monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is used on Linux only")
 def test_start_method_forks_only_a_single_threaded_process_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "torch", raising=False)
+    real_active_count = threading.active_count
+    # earlier tests in this process may leave threads behind: the count is set, then real again
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     assert mp_context().get_start_method() == "fork"
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    assert mp_context().get_start_method() == "spawn"
+    monkeypatch.setattr(threading, "active_count", real_active_count)
 
     stop = threading.Event()
     thread = threading.Thread(target=stop.wait)
     thread.start()
     try:
-        assert mp_context().get_start_method() == "spawn"
+        assert mp_context().get_start_method() == "spawn"  # a real second thread
     finally:
         stop.set()
         thread.join()
-    assert mp_context().get_start_method() == "fork"
 
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
     assert mp_context().get_start_method() == "spawn"

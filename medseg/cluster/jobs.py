@@ -105,12 +105,14 @@ class TrainTask(submitit.helpers.Checkpointable):
             return str(run.path)
         options = {**self.options, "device": resolve_device(self.options.get("device"))}
         # a trained fold that was not validated resumes at its last epoch: it only validates
+        from medseg.training import distributed  # deferred
+
         try:  # each of a distributed job's tasks (srun) joins the group from Slurm's variables
             train_and_validate(work, key, self.fold, resume=run.latest.exists(), **options)
-        finally:
-            from medseg.training import distributed  # deferred
-
-            distributed.leave()
+        except BaseException:
+            distributed.leave(sync=False)
+            raise
+        distributed.leave()
         return str(run.path)
 
 

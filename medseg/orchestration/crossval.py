@@ -97,9 +97,11 @@ def train_configs(workdir: Path | WorkDir, configs: list[str], fold_spec: str, *
     try:
         for name in configs:
             lines += train_folds(workdir, name, parse_folds(workdir, name, fold_spec), **kwargs)
-    finally:
-        main = distributed.is_main_process()
-        distributed.leave()
+    except BaseException:
+        distributed.leave(sync=False)
+        raise
+    main = distributed.is_main_process()
+    distributed.leave()
     return lines if main else []
 
 

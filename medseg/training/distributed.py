@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -151,9 +152,33 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def leave(sync: bool = True, timeout_s: float = 60.0) -> None:
+    """Leave the group joined by :func:`join` (nothing without one). ``sync`` (after success): all
+    ranks meet at a barrier first, and rank 0, whose process may host the group's TCP store, waits
+    until every other rank has destroyed its group before destroying its own, so that no rank's
+    teardown meets a store or peer that has already gone (a rank aborted at exit under srun).
+    After a failure (``sync=False``) each rank leaves at once, since a peer may be gone."""
+    if not dist.is_initialized():
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store = None
+    if sync and world > 1:
+        try:
+            dist.barrier()
+            store = dist.distributed_c10d._get_default_store()
+        except Exception as exc:  # a peer that is gone: leave without waiting
+            log.debug("rank %d: leaving without the barrier (%s)", rank, exc)
+    dist.destroy_process_group()
+    if store is None:
+        return
+    try:
+        left = store.add("medseg/left", 1)
+        deadline = time.monotonic() + timeout_s
+        while rank == 0 and left < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = store.add("medseg/left", 0)
+    except Exception as exc:
+        log.debug("rank %d: the store went before all ranks had left (%s)", rank, exc)
 
 
 def launch(nproc: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -201,9 +226,12 @@ def _rank_main(fn: Callable[..., Any], level: int, args: tuple, kwargs: dict) ->
     logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
                         format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s", force=True)
     try:
-        return fn(*args, **kwargs)
-    finally:
-        leave()
+        result = fn(*args, **kwargs)
+    except BaseException:
+        leave(sync=False)
+        raise
+    leave()
+    return result
 
 
 def all_mean(value: float, device: str) -> float:
