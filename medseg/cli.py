@@ -158,9 +158,14 @@ def plan(
     remeasure: bool = typer.Option(False, "--remeasure", help="CPU: measure training step times again instead of "
                                    "reusing those remembered for this machine ($MEDSEG_HOME/step_times.json)."),
     workers: int = typer.Option(None, "--workers", help="Parallel processes (default: CPU count, at most 8)."),
+    plans_from: Path = typer.Option(None, "--plans-from", help="A trained work directory whose configurations "
+                                    "(spacing, patch, topology, blocks) to take, so that its weights fit "
+                                    "(`train --init-from`); normalisation and labels come from this dataset."),
     cluster=None,
 ) -> None:
     """Check, fingerprint and plan a dataset, then preprocess it."""
+    if cluster is not None and plans_from is not None:
+        raise MedsegError("--plans-from runs locally (it measures nothing); leave out --executor slurm")
     if cluster is not None:
         from medseg.cluster.jobs import submit_plan
 
@@ -173,7 +178,7 @@ def plan(
 
     workflow.plan(dataset, output, memory_gb=memory_gb, device=device, configs=_configs(configs),
                   time_budget_min=time_budget, preprocess=not no_preprocess, num_workers=workers, progress=True,
-                  variants=_configs(variants), remeasure=remeasure)
+                  variants=_configs(variants), remeasure=remeasure, plans_from=plans_from)
     console.print(workflow.info(output))
     console.print(f"[green]plans written to[/] {WorkDir(output).plans}")
 
@@ -221,11 +226,18 @@ def train(
                               "there: --gpus-per-node)."),
     nodes: int = typer.Option(None, "--nodes", help="Slurm: nodes per training job (distributed over all of them)."),
     gpus_per_node: int = typer.Option(None, "--gpus-per-node", help="Slurm: GPUs per node, one process each."),
+    init_from: str = typer.Option(None, "--init-from", help="TRAINED_WORK[:config[:fold]]: start from those final "
+                                  "weights (plan with `--plans-from TRAINED_WORK` so that they fit); tensors whose "
+                                  "shapes differ are re-initialised and named in the log."),
+    freeze_encoder_epochs: int = typer.Option(0, "--freeze-encoder-epochs",
+                                              help="With --init-from: the encoder stays fixed for N first epochs."),
     cluster=None,
 ) -> None:
     """Train one fold, all five (-f all) or one model on every case (-f full) of a configuration."""
     options = {"epochs": epochs, "iterations_per_epoch": iterations, "time_budget_min": time_budget,
                "num_workers": workers, "validate_full": not no_validation}
+    if init_from or freeze_encoder_epochs:
+        options |= {"init_from": init_from, "freeze_encoder_epochs": freeze_encoder_epochs}
     if config is None:
         from medseg.plans.schema import Plans
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import io
 import json
 import os
@@ -18,6 +19,9 @@ from medseg.errors import MedsegError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+# the name of the label that marks unannotated voxels (nnU-Net v2's convention), in dataset.json
+IGNORE_LABEL_NAME = "ignore"
 
 
 @contextmanager
@@ -135,3 +139,12 @@ def resolve_device(device: str | None, *, what: str = "--device") -> str:
     if index >= torch.cuda.device_count():
         raise MedsegError(f"{what} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

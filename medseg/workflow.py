@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from types import ModuleType
 
-from medseg.errors import DatasetError
+from medseg.errors import DatasetError, MedsegError
 from medseg.fingerprint import Fingerprint, compute_fingerprint, source_digest
 from medseg.io.check import check_dataset
 from medseg.io.dataset import Dataset, load_dataset
@@ -37,8 +37,11 @@ def default_workers() -> int:
 def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device: str | None = "cpu",
          configs: list[str] | None = None, time_budget_min: float | None = None, preprocess: bool = True,
          num_workers: int | None = None, progress: bool = False, throughput: float | None = None,
-         variants: list[str] | None = None, timing_cache: Path | None = None, remeasure: bool = False) -> Plans:
+         variants: list[str] | None = None, timing_cache: Path | None = None, remeasure: bool = False,
+         plans_from: Path | None = None) -> Plans:
     """check → fingerprint → plans → preprocess. Nothing is written before the check passes.
+    ``plans_from``: a trained work directory whose configurations the plans take (transfer, see
+    :func:`~medseg.planning.planner.transfer_plans`) instead of planning anew.
     ``device`` None or "auto": CUDA when available (decided once torch has loaded). On a CPU, step
     times the planner measures are remembered in ``timing_cache`` (default
     :func:`~medseg.planning.planner.default_timing_cache`); ``remeasure`` measures them again."""
@@ -49,6 +52,11 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
         log.info("note: %s", note)
     check_class_count(label_values(ds.labels), f"{ds.root}: labels")  # before anything is written
     work = WorkDir(workdir)
+    source = None
+    if plans_from is not None:  # before anything is written
+        if WorkDir(plans_from).root.resolve() == work.root.resolve():
+            raise MedsegError(f"--plans-from {plans_from}: that is the work directory being planned")
+        source = Plans.load(WorkDir(plans_from).plans)
     # one pool for every step, forked before the planner's thread imports torch (medseg.parallel's
     # start-method rule), so that check, fingerprint and preprocessing all run in forked workers
     with process_pool(num_workers) if num_workers > 1 and len(ds.cases) > 1 else nullcontext() as pool:
@@ -60,9 +68,13 @@ def plan(dataset: Path, workdir: Path, *, memory_gb: float | None = None, device
             fp.save(work.fingerprint)
         work.write_source(dataset)
         t = time.perf_counter()
-        plans = _plans(planner, fp, work, device=device, memory_gb=memory_gb, configs=configs,
-                       time_budget_min=time_budget_min, throughput=throughput, variants=variants,
-                       timer=planner.StepTimer(timing_cache or planner.default_timing_cache(), refresh=remeasure))
+        if source is not None and not work.plans.exists():
+            plans = planner.transfer_plans(source, fp, str(Path(plans_from).resolve()))
+            plans.save(work.plans)
+        else:
+            plans = _plans(planner, fp, work, device=device, memory_gb=memory_gb, configs=configs,
+                           time_budget_min=time_budget_min, throughput=throughput, variants=variants,
+                           timer=planner.StepTimer(timing_cache or planner.default_timing_cache(), refresh=remeasure))
         timing["plan_s"], t = time.perf_counter() - t, time.perf_counter()
         if preprocess:
             preprocess_dataset(ds, plans, work.root, num_workers=num_workers, progress=progress, executor=pool)

@@ -120,8 +120,11 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
 
 
 def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Sequence[float],
-                 labels: Mapping[int, str]) -> list[dict]:
-    """One row per foreground class of ``labels`` (key 0, the background, is skipped).
+                 labels: Mapping[int, str], ignore: int | None = None) -> list[dict]:
+    """One row per foreground class of ``labels`` (key 0, the background, and ``ignore`` are skipped).
+
+    ``ignore``: the ignore label's value; reference voxels holding it count for no metric (the
+    prediction there is masked out before the confusion counts, volumes and surface distances).
 
     ``pred_labels`` and ``ref_labels`` are integer label maps of the same shape ``(X, Y[, Z])``;
     ``spacing`` is in mm per array axis. Axes of length 1 are dropped before the surface distance,
@@ -138,15 +141,18 @@ def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing: Seque
     keep = [i for i, n in enumerate(ref_labels.shape) if n > 1] or [0]
     squeeze = tuple(i for i in range(ref_labels.ndim) if i not in keep)
     pred_sq, ref_sq = pred_labels.squeeze(axis=squeeze), ref_labels.squeeze(axis=squeeze)
+    annotated = None if ignore is None else ref_sq != ignore
     spacing_sq = [float(spacing[i]) for i in keep]
     diagonal = image_diagonal_mm(ref_labels.shape, spacing)
     voxel_ml = float(np.prod(np.asarray(spacing, dtype=float))) / 1000.0
 
     rows = []
     for class_id, name in sorted((int(k), str(v)) for k, v in labels.items()):
-        if class_id == 0:
+        if class_id == 0 or class_id == ignore:
             continue
         pred, ref = pred_sq == class_id, ref_sq == class_id
+        if annotated is not None:
+            pred &= annotated
         tp, fp, fn = confusion(pred, ref)
         distance = hd95(pred, ref, spacing_sq)
         penalized = math.isinf(distance)

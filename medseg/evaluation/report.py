@@ -27,6 +27,7 @@ from medseg.errors import DatasetError, MedsegError
 from medseg.evaluation.metrics import case_metrics
 from medseg.io.image import image_suffix, read_image
 from medseg.parallel import parallel_map
+from medseg.plans.schema import ignore_value
 from medseg.plotting import new_figure
 from medseg.utils import atomic_path, atomic_write_text
 
@@ -48,7 +49,9 @@ CONVENTIONS = (
     "Exactly one empty: Dice = IoU = 0 and HD95 = the image diagonal in mm (hd95_penalized, counted "
     "in n_penalized), both included in the means. "
     "std is the population standard deviation (ddof=0); foreground_mean is the mean over classes of "
-    "the per-class means."
+    "the per-class means. "
+    "A label named 'ignore' (unannotated voxels) is no class: reference voxels holding it count for "
+    "no metric (the prediction there is masked out)."
 )
 
 
@@ -79,10 +82,11 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, out_dir: Path, labels: Mappin
     for case in sorted(set(preds) - set(refs)):
         log.warning("%s: no reference for this prediction in %s; ignored", preds[case], ref_dir)
 
-    wanted = None if labels is None else {int(k): str(v) for k, v in labels.items() if int(k) != 0}
+    ignore = None if labels is None else ignore_value({int(k): str(v) for k, v in labels.items()})
+    wanted = None if labels is None else {int(k): str(v) for k, v in labels.items() if int(k) not in (0, ignore)}
     if wanted is not None and not wanted:
         raise MedsegError(f"labels {dict(labels)} name no foreground class (only 0, the background)")
-    jobs = [(case, preds[case], refs[case], wanted) for case in sorted(refs)]
+    jobs = [(case, preds[case], refs[case], wanted, ignore) for case in sorted(refs)]
     results = parallel_map(_evaluate_job, jobs, num_workers=num_workers, description="evaluating", progress=progress)
 
     if wanted is None:
@@ -146,8 +150,9 @@ def _evaluate_job(job: tuple) -> tuple[list[dict], set[int]]:
 
 
 def _evaluate_pair(case: str, pred_path: Path, ref_path: Path,
-                   labels: dict[int, str] | None) -> tuple[list[dict], set[int]]:
-    """Rows of ``case_metrics`` for one case and the set of nonzero values in its reference.
+                   labels: dict[int, str] | None, ignore: int | None = None) -> tuple[list[dict], set[int]]:
+    """Rows of ``case_metrics`` for one case and the set of nonzero values in its reference
+    (``ignore``: the ignore label's value, whose voxels count for nothing).
 
     With ``labels`` None, the rows cover every nonzero value of the reference or the prediction
     (the caller keeps those found in some reference and fills in the rest).
@@ -161,11 +166,11 @@ def _evaluate_pair(case: str, pred_path: Path, ref_path: Path,
     if differs:
         log.warning("%s: geometry differs from the reference %s (%s); using the reference spacing",
                     pred_path, ref_path.name, differs)
-    ref_values = {int(v) for v in np.unique(ref) if v != 0}
+    ref_values = {int(v) for v in np.unique(ref) if v not in (0, ignore)}
     if labels is None:
         values = ref_values | {int(v) for v in np.unique(pred) if v != 0}
         labels = {v: f"label_{v}" for v in values}
-    return case_metrics(pred, ref, ref_geometry.spacing, labels), ref_values
+    return case_metrics(pred, ref, ref_geometry.spacing, labels, ignore), ref_values
 
 
 def _read_labels(path: Path):

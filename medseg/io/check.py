@@ -28,6 +28,7 @@ from medseg.errors import DatasetError
 from medseg.io.dataset import Case, Dataset, read_label_file
 from medseg.io.image import NIFTI_SUFFIXES, Geometry, image_suffix, read_image
 from medseg.parallel import parallel_map
+from medseg.utils import IGNORE_LABEL_NAME
 
 logger = logging.getLogger(__name__)
 _MAX_LISTED = 10  # values listed in one problem line
@@ -62,10 +63,11 @@ def check_dataset(ds: Dataset, num_workers: int = 1, progress: bool = False,
     problems.extend(_dimensionality_problems([nd for r in reports for nd in r.ndims]))
     present = set().union(*(r.label_values for r in reports)) if reports else set()
     readable = [r for r in reports if not r.problems]
-    if readable and len(readable) == len(reports) and not present - {0}:
+    ignore = {v for v, name in ds.labels.items() if name.strip().lower() == IGNORE_LABEL_NAME}
+    if readable and len(readable) == len(reports) and not present - {0} - ignore:
         problems.append(f"{ds.root / 'labelsTr'}: no label file holds any foreground (only background 0); "
                         "there is nothing to learn")
-    elif not problems and (missing := sorted(set(ds.labels) - present - {0})):
+    elif not problems and (missing := sorted(set(ds.labels) - present - {0} - ignore)):
         shown = ", ".join(f"{v} ({ds.labels[v]})" for v in missing[:_MAX_LISTED])
         found.append(f"{ds.root / 'dataset.json' if ds.layout != 'plain' else ds.root}: declared label(s) "
                      f"{shown} occur in no label file")

@@ -21,6 +21,7 @@ import numpy as np
 from medseg.errors import DatasetError
 from medseg.io.geometry import Geometry
 from medseg.io.image import image_suffix, read_image
+from medseg.utils import IGNORE_LABEL_NAME
 
 Layout = Literal["msd", "nnunetv2", "plain"]
 LABEL_SUFFIXES = (".nii.gz", ".nrrd", ".mha", ".nii", ".dcm")
@@ -116,6 +117,15 @@ def _channels(meta: dict, key: str, meta_path: Path) -> list[str]:
 def _check_labels(labels: dict[int, str], meta_path: Path) -> dict[int, str]:
     if 0 not in labels:
         raise DatasetError(f"{meta_path}: 'labels' does not declare 0 (the background)")
+    ignored = [v for v, name in labels.items() if name.strip().lower() == IGNORE_LABEL_NAME]
+    if len(ignored) > 1:
+        raise DatasetError(f"{meta_path}: labels {ignored} are all named 'ignore'; declare one ignore label")
+    if ignored and (ignored[0] == 0 or ignored[0] != max(labels)):
+        raise DatasetError(f"{meta_path}: the label named 'ignore' ({ignored[0]}) must have the highest value "
+                           f"({max(labels)} here), as in nnU-Net v2")
+    if ignored and len(labels) < 3:
+        raise DatasetError(f"{meta_path}: 'labels' declares only the background and 'ignore'; "
+                           "name at least one structure to segment")
     return labels
 
 

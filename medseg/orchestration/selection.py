@@ -46,7 +46,15 @@ from medseg.inference.probabilities import load_probabilities, load_qc_score
 from medseg.inference.uncertainty import FLAG_QUANTILE, calibrate_threshold, spearman
 from medseg.io.dataset import load_dataset, read_case_label
 from medseg.parallel import parallel_map
-from medseg.plans.schema import ChosenModel, InferenceChoice, Plans, Postprocessing, QualityControl, label_values
+from medseg.plans.schema import (
+    ChosenModel,
+    InferenceChoice,
+    Plans,
+    Postprocessing,
+    QualityControl,
+    ignore_value,
+    label_values,
+)
 from medseg.plotting import new_figure, save_figure
 from medseg.preprocessing.labels import classes_to_labels
 from medseg.training.splits import cv_folds, fold_case_ids
@@ -154,6 +162,11 @@ def _segment(source, candidate: Candidate, case_id: str, cache: dict, values: Se
     return classes_to_labels(np.mean(probs, axis=0).argmax(axis=0), values)
 
 
+def _foreground(labels: Mapping[int, str]) -> list[int]:
+    """The foreground classes of ``labels``: neither the background nor the ignore label."""
+    return [k for k in sorted(labels) if k not in (0, ignore_value(labels))]
+
+
 def _evaluate_case(args: tuple) -> list[dict]:
     source, case_id, candidates, labels = args
     ref, spacing = source.reference(case_id)
@@ -165,24 +178,25 @@ def _evaluate_case(args: tuple) -> list[dict]:
         if seg.shape != ref.shape:
             raise MedsegError(f"case {case_id}: out-of-fold prediction of {name_of(cand)} has shape {seg.shape}, "
                               f"the reference {ref.shape}")
-        for row in case_metrics(seg, ref, spacing, labels):
+        for row in case_metrics(seg, ref, spacing, labels, ignore_value(labels)):
             rows.append({"candidate": name_of(cand), "case": case_id, **row})
     return rows
 
 
 def _postprocessing_case(args: tuple) -> dict:
     """Per-class Dice of one case under each postprocessing option of ``candidate``."""
-    source, case_id, candidate, classes = args
+    source, case_id, candidate, classes, ignore = args
     ref, _ = source.reference(case_id)
     base = _segment(source, candidate, case_id, {}, label_values(classes))
     fg = keep_largest_foreground(base)
+    annotated = True if ignore is None else ref != ignore  # unannotated voxels count for nothing
     out: dict = {"case": case_id}
     for k in classes:
         r = ref == k
-        out[f"none_{k}"] = dice(*confusion(base == k, r))
-        out[f"fg_{k}"] = dice(*confusion(fg == k, r))
-        out[f"cls_{k}"] = dice(*confusion(keep_largest_per_class(base, [k]) == k, r))
-        out[f"fgcls_{k}"] = dice(*confusion(keep_largest_per_class(fg, [k]) == k, r))
+        out[f"none_{k}"] = dice(*confusion((base == k) & annotated, r))
+        out[f"fg_{k}"] = dice(*confusion((fg == k) & annotated, r))
+        out[f"cls_{k}"] = dice(*confusion((keep_largest_per_class(base, [k]) == k) & annotated, r))
+        out[f"fgcls_{k}"] = dice(*confusion((keep_largest_per_class(fg, [k]) == k) & annotated, r))
     return out
 
 
@@ -191,7 +205,7 @@ def summarize_candidates(frame: pd.DataFrame, candidates: Sequence[Candidate],
     """One row per candidate: mean Dice and HD95 per class over cases (both-empty cases left out),
     and their means over classes."""
     rows = []
-    classes = [k for k in sorted(labels) if k != 0]
+    classes = _foreground(labels)
     for order, cand in enumerate(candidates):
         sub = frame[frame["candidate"] == name_of(cand)]
         row: dict = {"candidate": name_of(cand), "members": len(cand), "order": order}
@@ -262,7 +276,7 @@ def select_model(source, keys: Sequence[str], labels: Mapping[int, str], *, num_
     object with the same ``case_ids``, ``probabilities``, ``qc_score`` and ``reference``)."""
     cases = source.case_ids
     labels = {int(k): v for k, v in labels.items()}
-    classes = [k for k in sorted(labels) if k != 0]
+    classes = _foreground(labels)
     candidates = candidates_of(keys)
     rows = parallel_map(_evaluate_case, [(source, c, candidates, labels) for c in cases], num_workers=num_workers,
                         description=f"evaluate {len(candidates)} candidate(s)", progress=progress)
@@ -270,7 +284,8 @@ def select_model(source, keys: Sequence[str], labels: Mapping[int, str], *, num_
     table = summarize_candidates(frame, candidates, labels)
     best_name = choose(table)
     best = next(c for c in candidates if name_of(c) == best_name)
-    per_case = pd.DataFrame(parallel_map(_postprocessing_case, [(source, c, best, classes) for c in cases],
+    per_case = pd.DataFrame(parallel_map(_postprocessing_case, [(source, c, best, classes, ignore_value(labels))
+                                                                  for c in cases],
                                          num_workers=num_workers, description="postprocessing", progress=progress))
     pp, pp_figures = decide_postprocessing(per_case, classes)
     prefix = {(False, False): "none", (True, False): "fg", (False, True): "cls", (True, True): "fgcls"}
@@ -451,7 +466,7 @@ def find_best(workdir: Path | WorkDir, *, configs: Sequence[str] | None = None, 
                           + "; run `medseg train WORKDIR -c CONFIG -f all` first")
     source = OutOfFold(work, plans, keys)
     labels = {int(k): v for k, v in plans.labels.items()}
-    classes = [k for k in sorted(labels) if k != 0]
+    classes = _foreground(labels)
     sel = select_model(source, keys, labels, num_workers=num_workers, progress=progress)
     row = sel.table[sel.table["candidate"] == name_of(sel.best)].iloc[0]
     after = sel.pp_figures["dice_after"]
@@ -491,7 +506,7 @@ def find_best(workdir: Path | WorkDir, *, configs: Sequence[str] | None = None, 
 
 def _report(table: pd.DataFrame, chosen: ChosenModel, pp_figures: dict, labels: Mapping[int, str],
             qc: pd.DataFrame, n_worst: int, flagged_worst: int) -> str:
-    classes = [k for k in sorted(labels) if k != 0]
+    classes = _foreground(labels)
     head = ["candidate", *(f"Dice {labels[k]}" for k in classes), "Dice fg", *(f"HD95 {labels[k]}" for k in classes),
             "HD95 fg"]
     lines = [f"Out-of-fold evaluation over {chosen.cv_cases} cases", "",

@@ -647,3 +647,33 @@ def recommend(configs: dict[str, Configuration], device: str, budget_min: float)
         f"CPU plan: 2d ({facts}): 3d_fullres would get {short} "
         f"in this budget, where 2d learns faster per second (hippocampus, 5 min per fold: 2d 0.859 vs "
         f"3d_fullres 0.747); plan with a larger --time-budget for 3d_fullres")
+
+
+def transfer_plans(source: Plans, fp: Fingerprint, source_dir: str) -> Plans:
+    """Plans for ``fp``'s dataset that take ``source``'s configurations whole — spacing, axis order,
+    patch, batch, topology, blocks, training schedule — so that a network trained on them fits
+    (``medseg train --init-from``); normalisation, channels and labels are the new dataset's. A
+    different number of channels or classes only re-initialises the first or last layers."""
+    norm = _normalization(fp)
+    configs = {}
+    for key, c in source.configurations.items():
+        copy = c.model_copy(deep=True)
+        copy.normalization = norm
+        copy.memory.decision = (f"transferred from {source_dir} ({key}), whose weights fit it: spacing, patch, "
+                                f"batch, topology and blocks as planned there; normalisation from this dataset. "
+                                f"There: {c.memory.decision}")
+        configs[key] = copy
+    notes = []
+    if len(fp.channel_names) != len(source.channel_names):
+        notes.append(f"{len(fp.channel_names)} channel(s) here, {len(source.channel_names)} there: the first layer "
+                     "is re-initialised")
+    if len(label_values(fp.labels)) != source.num_classes:
+        notes.append(f"{len(label_values(fp.labels))} classes here, {source.num_classes} there: the output layers "
+                     "are re-initialised")
+    for note in notes:
+        log.info("plans from %s: %s", source_dir, note)
+    return Plans(dataset_name=fp.dataset_name, channel_names=fp.channel_names, labels=fp.labels, device=source.device,
+                 seed=source.seed, configurations=configs, medseg_version=__version__,
+                 recommended=list(source.recommended),
+                 recommendation=f"as in {source_dir}" + (f" ({source.recommendation})" if source.recommendation else "")
+                 + ("; " + "; ".join(notes) if notes else ""), transferred_from=source_dir)

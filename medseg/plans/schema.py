@@ -6,14 +6,14 @@ the file and re-run. Unknown keys are rejected (``extra="forbid"``) so that typo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medseg.errors import PlanError
-from medseg.utils import atomic_write_text, load_json_model, look_up
+from medseg.utils import IGNORE_LABEL_NAME, atomic_write_text, load_json_model, look_up
 
 SCHEMA_VERSION = 1
 ConfigName = Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
@@ -22,10 +22,20 @@ ConfigName = Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
 MAX_CLASSES = 127
 
 
-def label_values(labels: Iterable[int]) -> list[int]:
+def ignore_value(labels: Mapping[int, str]) -> int | None:
+    """The value of the label named ``ignore`` (nnU-Net v2's convention for unannotated voxels: the
+    highest value, in training labels only), None when the dataset declares none."""
+    found = [int(v) for v, name in labels.items() if str(name).strip().lower() == IGNORE_LABEL_NAME]
+    return found[0] if found else None
+
+
+def label_values(labels: Iterable[int] | Mapping[int, str]) -> list[int]:
     """A dataset's label values in class order: class ``k`` is the ``k``-th smallest value, so the
-    background 0 is class 0 and consecutive labels 0..K-1 are their own classes ({0, 1, 255} → 0, 1, 2)."""
-    return sorted({0, *(int(v) for v in labels)})
+    background 0 is class 0 and consecutive labels 0..K-1 are their own classes ({0, 1, 255} → 0, 1, 2).
+    Given a mapping value → name, the ignore label (:func:`ignore_value`) is no class: the
+    preprocessed maps hold it as class index K, one past the network's outputs."""
+    skip = ignore_value(labels) if isinstance(labels, Mapping) else None
+    return sorted({0, *(int(v) for v in labels if int(v) != skip)})
 
 
 class _Model(BaseModel):
@@ -173,6 +183,9 @@ class Plans(_Model):
     # planner chose them for the budget (empty in plans made before the planner chose)
     recommended: list[str] = Field(default_factory=list)
     recommendation: str = ""
+    # `medseg plan --plans-from`: the trained work directory whose configurations these are (so that
+    # its weights fit, `medseg train --init-from`); empty for plans made for this dataset alone
+    transferred_from: str = ""
 
     def config(self, name: str) -> Configuration:
         return self.configurations[look_up(name, self.configurations, "configuration")]
@@ -191,8 +204,24 @@ class Plans(_Model):
 
     @property
     def num_classes(self) -> int:
-        """The network's outputs: one per label value (background included), however sparse the values."""
+        """The network's outputs: one per label value (background included), however sparse the
+        values; the ignore label is none of them."""
         return len(self.label_values)
+
+    @property
+    def ignore_value(self) -> int | None:
+        """The ignore label's value in the dataset's files (None without one)."""
+        return ignore_value(self.labels)
+
+    @property
+    def ignore_class(self) -> int | None:
+        """The ignore label's class index in preprocessed maps and training targets: ``num_classes``."""
+        return None if self.ignore_value is None else self.num_classes
+
+    @property
+    def class_labels(self) -> dict[int, str]:
+        """:attr:`labels` without the ignore label: the classes a prediction holds."""
+        return {k: v for k, v in self.labels.items() if k != self.ignore_value}
 
     def input_channels(self, config: Configuration) -> int:
         """Image channels, plus one per foreground class (the one-hot previous-stage segmentation) for a cascade."""

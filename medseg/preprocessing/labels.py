@@ -29,11 +29,17 @@ def _is_identity(values: Sequence[int]) -> bool:
     return list(values) == list(range(len(values)))
 
 
-def labels_to_classes(label: np.ndarray, values: Sequence[int], where: str) -> np.ndarray:
+def labels_to_classes(label: np.ndarray, values: Sequence[int], where: str, ignore: int | None = None) -> np.ndarray:
     """A label map in label values → the same map in class indices (int16; unchanged for consecutive
-    labels 0..K-1). A voxel whose value is not one of ``values`` is a :class:`DatasetError` naming ``where``."""
+    labels 0..K-1). ``ignore``: the ignore label's value, which becomes class index K = len(values).
+    A voxel whose value is not one of ``values`` (or ``ignore``) is a :class:`DatasetError` naming ``where``."""
     values = list(values)
     check_class_count(values, where)
+    if ignore is not None:
+        if ignore <= max(values):
+            raise DatasetError(f"{where}: the ignore label {ignore} must be the highest label value "
+                               f"(the others: {values})")
+        return labels_to_classes(label, [*values, ignore], where)
     label = np.asarray(label)
     if label.dtype.kind not in "iub":
         as_int = label.astype(np.int64)

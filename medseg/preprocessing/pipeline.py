@@ -173,8 +173,14 @@ def export_probability_maps(probs: np.ndarray, props: CaseProperties, config: Co
     return out
 
 
-def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator) -> dict[str, list[list[int]]]:
-    """Up to :data:`LOCATIONS_PER_CLASS` sampled voxels of each nonzero value of ``labels`` in ``seg``."""
+ANNOTATED = "annotated"  # the class_locations key of annotated voxels, in datasets with an ignore label
+
+
+def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator,
+                    ignore_class: int | None = None) -> dict[str, list[list[int]]]:
+    """Up to :data:`LOCATIONS_PER_CLASS` sampled voxels of each nonzero value of ``labels`` in ``seg``;
+    with ``ignore_class``, also of the annotated voxels (any class but that one) under
+    :data:`ANNOTATED`, where the sampler centres its random patches."""
     out = {}
     for lab in labels:
         if lab == 0:
@@ -183,18 +189,28 @@ def class_locations(seg: np.ndarray, labels: list[int], rng: np.random.Generator
         if len(idx) > LOCATIONS_PER_CLASS:
             idx = idx[rng.choice(len(idx), LOCATIONS_PER_CLASS, replace=False)]
         out[str(lab)] = idx.tolist()
+    if ignore_class is not None:
+        idx = np.argwhere((seg >= 0) & (seg != ignore_class))
+        if len(idx) > LOCATIONS_PER_CLASS:
+            idx = idx[rng.choice(len(idx), LOCATIONS_PER_CLASS, replace=False)]
+        out[ANNOTATED] = idx.tolist()
     return out
 
 
-def case_recipe(case: Case, config: Configuration, values: list[int], seed: int, root: Path) -> str:
+def case_recipe(case: Case, config: Configuration, values: list[int], seed: int, root: Path,
+                ignore: int | None = None) -> str:
     """The digest of everything that makes a preprocessed case: :data:`PREPROCESSING_VERSION`, the
-    configuration's spacing, axis order and normalisation, the label values (the class mapping), the
-    sampling seed and size of ``class_locations``, and the case's files (name, size, mtime)."""
-    return digest({"version": PREPROCESSING_VERSION, "spacing": config.spacing,
-                   "transpose_forward": config.transpose_forward,
-                   "normalization": [n.model_dump(mode="json") for n in config.normalization],
-                   "label_values": values, "seed": seed, "locations_per_class": LOCATIONS_PER_CLASS,
-                   "files": case_signature(case, root)})
+    configuration's spacing, axis order and normalisation, the label values (the class mapping) and
+    the ignore label's, the sampling seed and size of ``class_locations``, and the case's files
+    (name, size, mtime)."""
+    recipe = {"version": PREPROCESSING_VERSION, "spacing": config.spacing,
+              "transpose_forward": config.transpose_forward,
+              "normalization": [n.model_dump(mode="json") for n in config.normalization],
+              "label_values": values, "seed": seed, "locations_per_class": LOCATIONS_PER_CLASS,
+              "files": case_signature(case, root)}
+    if ignore is not None:  # absent otherwise: the digests of datasets without one stay as they were
+        recipe["ignore_value"] = ignore
+    return digest(recipe)
 
 
 def _recorded_recipe(path: Path) -> str | None:
@@ -205,16 +221,18 @@ def _recorded_recipe(path: Path) -> str | None:
         return None
 
 
-def _preprocess_case(args: tuple[Case, Configuration, list[int], Path, int, str]) -> str:
-    case, config, values, out_dir, seed, recipe = args
+def _preprocess_case(args: tuple[Case, Configuration, list[int], int | None, Path, int, str]) -> str:
+    case, config, values, ignore, out_dir, seed, recipe = args
     (out_dir / f"{case.case_id}.json").unlink(missing_ok=True)  # unfinished until the new one is written
     image, geometry = read_case_image(case)
     label, _ = read_case_label(case)
     data, props = preprocess_image(image, geometry, config)
-    classes = list(range(len(values)))
-    seg = preprocess_label(labels_to_classes(label, values, str(case.label)), props, config, classes)
+    classes = list(range(len(values)))  # the ignore label, if any, is class len(values): resampled, never sampled
+    seg = preprocess_label(labels_to_classes(label, values, str(case.label), ignore), props, config,
+                           classes + ([len(values)] if ignore is not None else []))
     props = dataclasses.replace(props, case_id=case.case_id, made_from=recipe,
-                                class_locations=class_locations(seg, classes, np.random.default_rng(seed)))
+                                class_locations=class_locations(seg, classes, np.random.default_rng(seed),
+                                                                None if ignore is None else len(values)))
     atomic_save_npy(out_dir / f"{case.case_id}.npy", data.astype(np.float32))
     atomic_save_npy(out_dir / f"{case.case_id}_seg.npy", seg[None].astype(np.int8))
     props.save(out_dir / f"{case.case_id}.json")
@@ -226,7 +244,7 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
     """Preprocess every case for each configuration; cases already done from the same inputs (their
     :func:`case_recipe`) are skipped (in ``executor``'s workers when given, e.g. ``medseg plan``'s
     pool, forked before torch loaded). Returns the number of cases processed per configuration."""
-    values = label_values(plans.labels)
+    values, ignore = label_values(plans.labels), plans.ignore_value
     check_class_count(values, f"{workdir}: plans")
     done: dict[str, int] = {}
     by_data: dict[str, Configuration] = {}
@@ -239,10 +257,10 @@ def preprocess_dataset(ds: Dataset, plans: Plans, workdir: Path, configs: list[s
         jobs = []
         stale = 0
         for i, c in enumerate(ds.cases):
-            recipe = case_recipe(c, config, values, plans.seed + i, ds.root)
+            recipe = case_recipe(c, config, values, plans.seed + i, ds.root, ignore)
             recorded = _recorded_recipe(out_dir / f"{c.case_id}.json")
             if recorded != recipe:
-                jobs.append((c, config, values, out_dir, plans.seed + i, recipe))
+                jobs.append((c, config, values, ignore, out_dir, plans.seed + i, recipe))
                 stale += recorded is not None
         if stale:
             log.info("preprocess %s: %d case(s) made by another plan or from changed files; redoing them", name, stale)
@@ -258,7 +276,8 @@ def load_properties(folder: Path, case_id: str) -> CaseProperties:
 
 
 def load_class_locations(folder: Path, case_id: str) -> dict[str, np.ndarray]:
-    """The sampled voxels of each foreground class of ``case_id``, int64 (N, 3) per label (as a string).
+    """The sampled voxels of each foreground class of ``case_id``, int64 (N, 3) per label (as a string),
+    and of its annotated voxels under :data:`ANNOTATED` (datasets with an ignore label).
     Only the ``class_locations`` key is read, so a file with nothing else works too; nnU-Net's
     ``[c, d0, d1, d2]`` coordinates are accepted (the last three used)."""
     path = Path(folder) / f"{case_id}.json"

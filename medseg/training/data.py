@@ -12,14 +12,17 @@ Preprocessed case format, in one folder ``F`` (written by ``medseg.preprocessing
 
 - ``F/<case>.npy``: float32 image, shape (C, D0, D1, D2), already normalised;
 - ``F/<case>_seg.npy``: int8 class indices, shape (1, D0, D1, D2), values 0..K-1 (the dataset's label
-  values mapped to consecutive classes, :mod:`medseg.preprocessing.labels`), or -1 outside the image;
+  values mapped to consecutive classes, :mod:`medseg.preprocessing.labels`), K for the ignore label's
+  unannotated voxels (datasets that declare one), or -1 outside the image;
 - ``F/<case>.json``: ``{"class_locations": {"1": [[d0, d1, d2], ...], ...}, ...}``, sampled voxel
-  coordinates per foreground class (a list may be empty or a class absent).
+  coordinates per foreground class (a list may be empty or a class absent), and with an ignore label
+  of annotated voxels (``"annotated"``).
 
 Sampling follows nnU-Net v2's data loader: each batch element is a case drawn uniformly; the last
 ``max(1, round(batch_size * oversample_foreground))`` elements of the global batch are centred on a random voxel of a
 random foreground class present in their case (with a small random jitter, see
-:class:`AugmentationParams`), the others on a random location. With spatial augmentation, a larger
+:class:`AugmentationParams`), the others on a random location (with an ignore label: on a random
+annotated voxel, so that no patch holds unannotated voxels only). With spatial augmentation, a larger
 patch is extracted (:func:`initial_patch_size`) and ``SpatialTransform`` rotates/scales about its
 centre and centre-crops it to the patch size; regions outside the case are padded (image 0, labels
 -1) and labels -1 become 0 in the returned target.
@@ -55,7 +58,7 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 
 from medseg.errors import DatasetError, MedsegError
 from medseg.parallel import mp_context
-from medseg.preprocessing.pipeline import load_class_locations, one_hot
+from medseg.preprocessing.pipeline import ANNOTATED, load_class_locations, one_hot
 from medseg.training.cascade import augment_prior
 
 __all__ = ["AugmentationParams", "BatchSource", "initial_patch_size"]
@@ -352,7 +355,7 @@ class BatchSource:
             )
         data = np.zeros((1, channels, *size), dtype=np.float32)
         seg = np.full((1, 1 if case.prior is None else 2, *size), -1, dtype=np.int8)
-        voxel = self._foreground_voxel(case, rng) if forced else None
+        voxel = self._foreground_voxel(case, rng) if forced else self._annotated_voxel(case, rng)
         if len(size) == 2:
             z = int(voxel[0]) if voxel is not None else int(rng.integers(case.image.shape[1]))
             image, labels = case.image[:, z], case.seg[:, z]
@@ -369,10 +372,19 @@ class BatchSource:
         location = np.asarray(corner if z is None else [z, *corner], dtype=np.int64)
         return data, seg, case_id, location
 
+    def _annotated_voxel(self, case: _Case, rng: np.random.Generator) -> np.ndarray | None:
+        """With an ignore label (the case lists :data:`ANNOTATED` voxels): a random annotated voxel, on
+        which a random patch is centred so that it does not learn from unannotated voxels alone, as
+        nnU-Net v2 does; None otherwise (the patch is placed uniformly)."""
+        coords = case.class_locations(self.folder).get(ANNOTATED)
+        if coords is None or not len(coords):
+            return None
+        return coords[int(rng.integers(len(coords)))]
+
     def _foreground_voxel(self, case: _Case, rng: np.random.Generator) -> np.ndarray | None:
         """A random voxel of a random foreground class present in the case (None if none is)."""
         locations = case.class_locations(self.folder)
-        classes = [k for k in sorted(locations) if len(locations[k])]
+        classes = [k for k in sorted(locations) if len(locations[k]) and k != ANNOTATED]
         if not classes:
             return None
         coords = locations[classes[int(rng.integers(len(classes)))]]

@@ -34,11 +34,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from medseg import __version__
-from medseg.errors import CheckpointError
+from medseg.errors import CheckpointError, MedsegError
 from medseg.networks.checkpoint import (
     FinalCheckpoint,
     TrainingCheckpoint,
     TrainingState,
+    load_checkpoint,
     load_training_checkpoint,
     save_checkpoint,
 )
@@ -52,8 +53,8 @@ from medseg.training.data import BatchSource
 from medseg.training.losses import DeepSupervisionLoss
 from medseg.training.precision import training_autocast
 from medseg.training.splits import NUM_FOLDS, fold_case_ids
-from medseg.utils import atomic_write_text
-from medseg.workdir import FULL, Fold, RunDir, WorkDir
+from medseg.utils import atomic_write_text, file_sha256
+from medseg.workdir import FULL, Fold, RunDir, WorkDir, parse_fold_tag
 
 log = logging.getLogger(__name__)
 EMA_DECAY = 0.9
@@ -107,12 +108,14 @@ def _epoch_seconds(history: list[dict[str, Any]], elapsed_s: float) -> float | N
 
 
 def _pseudo_dice(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> np.ndarray:
-    """Per-foreground-class (tp, fp, fn) of the argmax on a batch: shape (K-1, 3)."""
+    """Per-foreground-class (tp, fp, fn) of the argmax on a batch: shape (K-1, 3). Target voxels of
+    class ``n_classes`` (the ignore label) count for nothing."""
     pred = logits.argmax(1)
     tgt = target[:, 0]
+    valid = tgt != n_classes
     out = np.zeros((n_classes - 1, 3))
     for k in range(1, n_classes):
-        p, t = pred == k, tgt == k
+        p, t = (pred == k) & valid, tgt == k
         out[k - 1] = [(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()]
     return out
 
@@ -132,6 +135,8 @@ class FoldSetup:
     budget: Budget
     seed: int
     group: distributed.DistEnv | None = None  # this rank's place in a distributed run
+    freeze_encoder_epochs: int = 0  # the first epochs train all but the encoder (its learning rate 0)
+    init_report: dict[str, Any] | None = None  # where the initial weights came from (--init-from)
 
     @property
     def is_main(self) -> bool:
@@ -158,6 +163,7 @@ class TrainingComponents:
     scaler: torch.amp.GradScaler
     loss_fn: DeepSupervisionLoss
     device: str
+    init_report: dict[str, Any] | None = None  # where the initial weights came from (--init-from)
 
     @property
     def amp(self) -> bool:
@@ -221,7 +227,7 @@ class _Clock:
 def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int | None = None,
                iterations_per_epoch: int | None = None, time_budget_min: float | None = None,
                resume: bool = False, device: str = "cpu", num_workers: int | None = None,
-               progress: bool = False) -> Path:
+               progress: bool = False, init_from: str | None = None, freeze_encoder_epochs: int = 0) -> Path:
     """Train one fold (0..4, or "full": all cases) of a configuration. Returns the run directory.
     A cascade stage needs its previous stage's out-of-fold predictions (all its folds trained).
     The full validation of the fold's held-out cases is a separate stage
@@ -229,8 +235,15 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
 
     ``num_workers``: augmentation processes (default 1 on CPU, up to 8 on CUDA). A process started
     as one rank of several (:func:`medseg.training.distributed.from_environment`) joins its group
-    and trains its share of every batch (``device`` then means this rank's GPU)."""
+    and trains its share of every batch (``device`` then means this rank's GPU).
+
+    ``init_from``: ``TRAINED_WORK[:config[:fold]]`` (:func:`resolve_init_source`), whose final weights a
+    new run starts from (tensors whose shapes differ are re-initialised and named in the log);
+    ``freeze_encoder_epochs``: the encoder's learning rate is 0 for that many first epochs. Both are
+    recorded in ``run.json``; a resumed run keeps what its start recorded."""
     work = WorkDir.of(workdir)
+    if freeze_encoder_epochs < 0:
+        raise MedsegError(f"--freeze-encoder-epochs {freeze_encoder_epochs}: must be 0 or more")
     group = distributed.from_environment()
     if group is not None:
         device = distributed.join(group, device)
@@ -241,7 +254,17 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
     config = plans.config(config_name)
     budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
     setup = _set_up(work, plans, config, fold, budget, resume, group)
-    parts = _build_components(setup, device)
+    recorded = json.loads(setup.run_dir.run_json.read_text()) if resume and setup.run_dir.run_json.exists() else {}
+    if resume:  # the run goes on as it started
+        if init_from:
+            log.info("%s: resumed from its own checkpoint; --init-from applies to new runs only", setup.run_dir.path)
+        init_report, freeze_encoder_epochs = recorded.get("init_from"), int(recorded.get("freeze_encoder_epochs", 0))
+    else:
+        init_report = None
+    setup = replace(setup, freeze_encoder_epochs=freeze_encoder_epochs, init_report=init_report)
+    init = resolve_init_source(init_from, config.key) if init_from and not resume else None
+    parts = _build_components(setup, device, init)
+    setup = replace(setup, init_report=parts.init_report)
     state = _resume(parts, setup.run_dir) if resume else TrainingState()
     if setup.is_main:
         setup.run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -275,6 +298,43 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
 # ---------------------------------------------------------------- set-up
 
 
+def resolve_init_source(spec: str, config_key: str) -> Path:
+    """The final checkpoint that ``--init-from TRAINED_WORK[:config[:fold]]`` names. Without a
+    configuration: the one being trained when the trained directory has it, else its default; without
+    a fold: ``full`` when trained, else the first trained cross-validation fold."""
+    path, _, rest = spec.partition(":")
+    name, _, fold_tag = rest.partition(":")
+    work = WorkDir(path)
+    plans = Plans.load(work.plans)
+    if name:
+        key = plans.config(name).key
+    else:
+        key = config_key if config_key in plans.configurations else plans.config(plans.default_configurations()[0]).key
+    folds: list[Fold] = [parse_fold_tag(fold_tag)] if fold_tag else [FULL, *range(NUM_FOLDS)]
+    for fold in folds:
+        if work.run(key, fold).final.exists():
+            return work.run(key, fold).final
+    which = f"fold {folds[0]}" if fold_tag else "no fold"
+    raise CheckpointError(f"--init-from {spec}: {which} of {key} in {work.root} has finished training "
+                          f"(no {work.run(key, folds[0]).final.name})")
+
+
+def _initialise_from(network: torch.nn.Module, checkpoint: Path) -> dict[str, Any]:
+    """Copy the checkpoint's tensors into ``network`` where name and shape agree; the others keep
+    their fresh initialisation (a different number of channels or classes: the first or last
+    layers), named in the log. Returns what ``run.json`` records."""
+    source = load_checkpoint(checkpoint)["model"]
+    own = network.state_dict()
+    loaded = {k: v for k, v in source.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    fresh = [k for k in own if k not in loaded]
+    network.load_state_dict(loaded, strict=False)
+    log.info("initialised from %s: %d of %d tensors; re-initialised (shape differs or absent there): %s",
+             checkpoint, len(loaded), len(own), ", ".join(fresh) or "none")
+    return {"checkpoint": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint),
+            "loaded": len(loaded), "reinitialised": fresh,
+            "unused": [k for k in source if k not in loaded]}
+
+
 def _default_num_workers(device: str) -> int:
     # on a CPU the cores belong to torch; a GPU wants augmentation in parallel
     return 1 if device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -300,12 +360,13 @@ def _set_up(work: WorkDir, plans: Plans, config: Configuration, fold: Fold, budg
                      prior_folder, budget, seed, group)
 
 
-def _build_components(setup: FoldSetup, device: str) -> TrainingComponents:
-    """The network (initial weights from the fold's seed; DDP-wrapped in a distributed run), SGD
-    with Nesterov momentum, the scaler, the loss."""
+def _build_components(setup: FoldSetup, device: str, init: Path | None = None) -> TrainingComponents:
+    """The network (initial weights from the fold's seed, then ``init``'s where they fit; DDP-wrapped
+    in a distributed run), SGD with Nesterov momentum, the scaler, the loss."""
     torch.manual_seed(setup.seed)
     config, t = setup.config, setup.training
     network = build_network(config.architecture, setup.plans.input_channels(config), setup.num_classes).to(device)
+    report = _initialise_from(network, init) if init is not None else setup.init_report
     model, share = network, None
     if setup.group is not None:
         # every parameter gets a gradient in every step (the loss gives the deep-supervision head of
@@ -313,10 +374,19 @@ def _build_components(setup: FoldSetup, device: str) -> TrainingComponents:
         model = DistributedDataParallel(network, device_ids=[torch.device(device).index] if device.startswith("cuda")
                                         else None, find_unused_parameters=False)
         share = len(_rank_elements(setup)) / config.batch_size
-    optimizer = torch.optim.SGD(network.parameters(), lr=t.initial_lr, momentum=t.momentum, nesterov=True,
+    params: Any = network.parameters()
+    if setup.freeze_encoder_epochs:
+        # group 0: the encoder's transferred weights, at learning rate 0 while frozen (a re-initialised
+        # first layer trains from the start)
+        fresh = set(report["reinitialised"]) if report else set()
+        frozen = {id(p) for name, p in network.encoder.named_parameters() if f"encoder.{name}" not in fresh}
+        params = [{"params": [p for p in network.parameters() if id(p) in frozen]},
+                  {"params": [p for p in network.parameters() if id(p) not in frozen]}]
+    optimizer = torch.optim.SGD(params, lr=t.initial_lr, momentum=t.momentum, nesterov=True,
                                 weight_decay=t.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.startswith("cuda"))
-    return TrainingComponents(network, model, optimizer, scaler, DeepSupervisionLoss(group_share=share), device)
+    loss = DeepSupervisionLoss(group_share=share, ignore_class=setup.plans.ignore_class)
+    return TrainingComponents(network, model, optimizer, scaler, loss, device, report)
 
 
 def _rank_elements(setup: FoldSetup) -> range | None:
@@ -361,7 +431,8 @@ def _write_run_json(setup: FoldSetup, device: str) -> None:
     meta = {"plans_config": setup.config.model_dump(), "fold": setup.fold, "device": device,
             "budget": asdict(setup.budget), "train_cases": len(setup.train_ids), "val_cases": len(setup.val_ids),
             "seed": setup.seed, "medseg_version": __version__, "torch_version": torch.__version__,
-            "world_size": setup.group.world_size if setup.group else 1}
+            "world_size": setup.group.world_size if setup.group else 1,
+            "init_from": setup.init_report, "freeze_encoder_epochs": setup.freeze_encoder_epochs}
     atomic_write_text(setup.run_dir.run_json, json.dumps(meta, indent=2))
 
 
@@ -434,15 +505,19 @@ def _run_epoch(setup: FoldSetup, parts: TrainingComponents, state: TrainingState
     # distributed run, whose ranks must all take the same steps
     over = ((lambda: clock.elapsed() >= 60.0 * budget.time_budget_min) if budget.fill and setup.group is None
             else None)
+    frozen = epoch < setup.freeze_encoder_epochs
+    if frozen and epoch == 0:
+        log.info("encoder frozen for the first %d epoch(s)", setup.freeze_encoder_epochs)
     losses = _train_steps(parts, train_src.iterate(epoch, budget.iterations_per_epoch, num_workers), lr, t.grad_clip,
-                          over)
+                          over, frozen_encoder=frozen)
     train_s = time.perf_counter() - t_epoch
     train_loss = distributed.all_mean(float(np.mean(losses)), parts.device)  # the global batch's loss
     if val_src is None:  # another rank validates
         state.epoch = epoch + 1
         clock.bank()
         return
-    val = _validate_patches(parts, val_src.iterate(0, budget.val_iterations, 0), setup.num_classes)
+    val = _validate_patches(parts, val_src.iterate(0, budget.val_iterations, 0), setup.num_classes,
+                            setup.plans.ignore_class)
     pseudo = val.pseudo_dice
     state.ema = pseudo if state.ema is None else EMA_DECAY * state.ema + (1 - EMA_DECAY) * pseudo
     state.epoch = epoch + 1
@@ -467,12 +542,13 @@ def _to_device(batch: dict[str, Any], device: str) -> tuple[torch.Tensor, torch.
 
 
 def _train_steps(parts: TrainingComponents, batches: Iterable[dict[str, Any]], lr: float,
-                 grad_clip: float, over: Callable[[], bool] | None = None) -> list[float]:
+                 grad_clip: float, over: Callable[[], bool] | None = None, frozen_encoder: bool = False) -> list[float]:
     """One SGD step per batch at ``lr`` (AMP on CUDA, gradients clipped); the losses. ``over``: when
-    it returns True after a step, the epoch ends there."""
+    it returns True after a step, the epoch ends there. ``frozen_encoder``: parameter group 0 (the
+    encoder, see :func:`_build_components`) at learning rate 0, so its weights do not move."""
     model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    for i, g in enumerate(optimizer.param_groups):
+        g["lr"] = 0.0 if frozen_encoder and i == 0 else lr
     model.train()
     losses = []
     for batch in batches:
@@ -491,14 +567,15 @@ def _train_steps(parts: TrainingComponents, batches: Iterable[dict[str, Any]], l
     return losses
 
 
-def _validate_patches(parts: TrainingComponents, batches: Iterable[dict[str, Any]], n_classes: int) -> PatchValidation:
+def _validate_patches(parts: TrainingComponents, batches: Iterable[dict[str, Any]], n_classes: int,
+                      ignore_class: int | None = None) -> PatchValidation:
     """Loss and pseudo-Dice (Dice of the summed tp/fp/fn over all patches) of the validation patches
     (the bare network: in a distributed run only rank 0 validates, and DDP's forward would wait for
     the others)."""
     network = parts.network
     network.eval()
     losses, counts = [], np.zeros((n_classes - 1, 3))
-    loss_fn = DeepSupervisionLoss()  # this process's patches only
+    loss_fn = DeepSupervisionLoss(ignore_class=ignore_class)  # this process's patches only
     with torch.no_grad():
         for batch in batches:
             x, y = _to_device(batch, parts.device)

@@ -64,34 +64,53 @@ class GroupDiceCELoss(nn.Module):
     computes the global batch's Dice and each rank's predictions receive the gradient a single
     process would give them, times the world size, which DDP's averaging divides out. Cross-entropy:
     the rank's mean times ``share * world_size``, which DDP's averaging turns into the global mean.
-    Without a process group it is exactly MONAI's loss (a test checks)."""
+    Without a process group it is exactly MONAI's loss (a test checks).
 
-    def __init__(self, share: float = 1.0):
+    ``ignore_class``: target voxels of this class index (the dataset's ignore label, one past the
+    network's K outputs) take part in no term: they are masked out of the Dice sums and the
+    cross-entropy is the mean over the other voxels (nnU-Net v2's convention). ``batch=False``: the
+    Dice of each element, then their mean (single process only, as MONAI's ``batch=False``)."""
+
+    def __init__(self, share: float = 1.0, ignore_class: int | None = None, batch: bool = True):
         super().__init__()
-        self.share = share
+        self.share, self.ignore_class, self.batch = share, ignore_class, batch
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         k = logits.shape[1]
+        labels = target[:, 0].long()
         probs = torch.softmax(logits.float(), dim=1)[:, 1:]
-        onehot = F.one_hot(target[:, 0].long(), k).movedim(-1, 1)[:, 1:].to(probs.dtype)
-        axes = [0, *range(2, logits.ndim)]
+        valid = None
+        if self.ignore_class is not None:
+            valid = labels != self.ignore_class
+            labels = torch.where(valid, labels, 0)
+            probs = probs * valid.unsqueeze(1)
+        onehot = F.one_hot(labels, k).movedim(-1, 1)[:, 1:].to(probs.dtype)
+        if valid is not None:
+            onehot = onehot * valid.unsqueeze(1)
+        axes = [0, *range(2, logits.ndim)] if self.batch else list(range(2, logits.ndim))
         stats = torch.stack([(probs * onehot).sum(axes), probs.sum(axes), onehot.sum(axes)])
         world = 1
-        if dist.is_initialized():
+        if dist.is_initialized() and self.batch:
             stats, world = _AllReduceSum.apply(stats), dist.get_world_size()
         tp, pred, ref = stats
         dice = (1.0 - (2.0 * tp + SMOOTH) / (pred + ref + SMOOTH)).mean()
-        ce = F.cross_entropy(logits.float(), target[:, 0].long())
+        if valid is None:
+            ce = F.cross_entropy(logits.float(), labels)
+        else:  # the mean over the annotated voxels (0 when a patch holds none)
+            ce = (F.cross_entropy(logits.float(), labels, reduction="none") * valid).sum() / valid.sum().clamp_min(1)
         return dice + ce * (self.share * world)
 
 
 class DeepSupervisionLoss(nn.Module):
     """``group_share``: this rank's share of the global batch in a distributed run (then the batch
-    Dice is the global batch's, :class:`GroupDiceCELoss`); None for a single process."""
+    Dice is the global batch's, :class:`GroupDiceCELoss`); None for a single process.
+    ``ignore_class``: the class index of the ignore label in the targets (no loss term sees it)."""
 
-    def __init__(self, batch_dice: bool = True, group_share: float | None = None):
+    def __init__(self, batch_dice: bool = True, group_share: float | None = None, ignore_class: int | None = None):
         super().__init__()
-        if group_share is not None and batch_dice:
+        if ignore_class is not None:  # MONAI's DiceCELoss takes no mask
+            self.loss = GroupDiceCELoss(1.0 if group_share is None else group_share, ignore_class, batch_dice)
+        elif group_share is not None and batch_dice:
             self.loss = GroupDiceCELoss(group_share)
         else:
             self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=batch_dice,
