@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +98,13 @@ def main() -> None:
              "dice_vs_torch": float(np.mean(dice[n]) - np.mean(dice["torch"])),
              "label_agreement_vs_torch": float(np.mean(agree[n])), "first_load_s": build_s[b]}
             for n, b, m in variants]
-    result = {"workdir": str(work.root), "dataset": str(dataset), "cases": val, "repeats": args.repeats,
+    plans = json.loads(work.plans.read_text())
+    c = plans["configurations"]["3d_fullres"]
+    model = {"config": "3d_fullres", "patch": c["patch_size"], "features": c["architecture"]["features"],
+             "time_budget_planned_min": c["training"].get("time_budget_min")}
+    result = {"workdir": str(work.root), "dataset": str(dataset), "model": model,
+              "command": "python benchmarks/cpu_backends.py " + " ".join(sys.argv[1:]),
+              "cases": val, "repeats": args.repeats,
               "torch_threads": torch.get_num_threads(), "rows": rows, "times": times, "dice": dice}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{dataset.name}.json"

@@ -198,11 +198,16 @@ def render(args: argparse.Namespace) -> None:
                          f"{_f(ac.get('minutes'), 2)} | {_f(100 * ac['budget_used'] if ac.get('budget_used') else None, 0)}%"
                          f" | {_f(lr, 4)} |")
         lines.append("")
-    b = _load(ROOT / "docs" / "benchmarks" / "cpu_backends" / "hippocampus.json")
-    if b:
-        lines += ["### CPU inference backends", "", f"`{b.get('command', 'benchmarks/cpu_backends.py')}`: "
+    backend_files = sorted((ROOT / "docs" / "benchmarks" / "cpu_backends").rglob("hippocampus.json"))
+    if backend_files:
+        lines += ["### CPU inference backends", ""]
+    for b in map(_load, backend_files):
+        m = b.get("model") or {}
+        model = (f" Model: {m['config']}, patch {'×'.join(map(str, m['patch']))}, features {m['features']}."
+                 if m else " Model: 3d_fullres of a 5-minute hippocampus plan (width 8).")
+        lines += [f"`{b.get('command', 'benchmarks/cpu_backends.py')}`: "
                   f"{len(b['cases'])} held-out fold-0 hippocampus cases, whole `predict_folder` per case, medians "
-                  f"of {b['repeats']} repeats, {b.get('torch_threads', '?')} threads.", "",
+                  f"of {b['repeats']} repeats, {b.get('torch_threads', '?')} threads.{model}", "",
                   "| variant | s/case | speedup vs torch (no mirroring) | Dice fg | Dice − torch's "
                   "| labels equal to torch's |",
                   "|---|---|---|---|---|---|"]
