@@ -272,7 +272,8 @@ def train(
 def predict(
     input: Path = typer.Option(..., "-i", "--input", help="Image file, folder of images, or DICOM folder tree."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    model: Path = typer.Option(..., "-m", "--model", help="Work directory with trained runs."),
+    model: Path = typer.Option(..., "-m", "--model", help="Work directory with trained runs, or a model archive "
+                               "(.zip from `medseg export-model`)."),
     config: str = typer.Option(None, "-c", "--config",
                                help="Configuration (default: model.json from `medseg find-best`, else 3d_fullres)."),
     folds: str = typer.Option(None, "-f", "--folds",
@@ -312,6 +313,10 @@ def predict(
     fold_list = None
     if folds:
         fold_list = [f if not f.isdigit() else int(f) for f in _configs(folds)]
+    if model.is_file():  # a model archive (`medseg export-model`): unpacked once under $MEDSEG_HOME/models
+        from medseg.inference.archive import cached_import
+
+        model = cached_import(model)
     fields = {"step": step, "tta": tta, "save_probabilities": save_probabilities, "save_attention": save_attention,
               "save_uncertainty": save_uncertainty, "postprocess": not no_postprocessing, "overwrite": overwrite,
               "series": series, "output_format": output_format, "stitch_device": stitch_device,
@@ -333,6 +338,37 @@ def predict(
     written = predict_folder(input, output, model, options, config_name=config, folds=fold_list,
                              device=_device(device))
     console.print(f"[green]{len(written)} segmentation(s) written to[/] {output}")
+
+
+@app.command("export-model")
+def export_model(
+    workdir: Path = typer.Argument(..., help="Trained work directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="The zip file to write."),
+    configs: str = typer.Option(None, "--configs", help="Comma-separated configurations (default: model.json's "
+                                "members, else every trained one)."),
+    folds: str = typer.Option(None, "--folds", help="Comma-separated folds, or 'full' (default: model.json's, else "
+                              "every finished fold)."),
+) -> None:
+    """Pack what prediction needs (plans, fingerprint, label map, chosen checkpoints, model.json, the
+    code version and a manifest of SHA-256 hashes) into one zip file; `predict -m FILE.zip` uses it."""
+    from medseg.inference.archive import export_model as export
+
+    fold_list = [f if not f.isdigit() else int(f) for f in _configs(folds)] if folds else None
+    manifest = export(workdir, output, _configs(configs), fold_list)
+    console.print(f"[green]exported[/] {', '.join(f'{k} folds {v}' for k, v in manifest['configs'].items())} "
+                  f"({len(manifest['files'])} files) to {output}")
+
+
+@app.command("import-model")
+def import_model(
+    archive: Path = typer.Argument(..., help="A zip file made by `medseg export-model`."),
+    output: Path = typer.Option(..., "-o", "--output", help="The new work directory."),
+) -> None:
+    """Unpack a model archive into a new work directory, refusing absolute paths, '..' entries, links,
+    files not in the manifest or not matching its hashes, and checkpoints that are not plain weights."""
+    from medseg.inference.archive import import_model as unpack
+
+    console.print(f"[green]imported into[/] {unpack(archive, output)}")
 
 
 @app.command("find-best")

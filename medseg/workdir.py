@@ -26,6 +26,7 @@ This module is the bottom layer: paths only, no knowledge of plans or networks.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,12 @@ FULL = "full"  # the fold tag of a model trained on every case (nnU-Net's "all")
 Fold = int | str
 CHECKPOINTS = ("latest", "best", "final")
 _FOLD_PREFIX = "fold_"
+
+
+def medseg_home() -> Path:
+    """medseg's per-user folder: ``$MEDSEG_HOME``, default ``~/.cache/medseg`` (remembered step times,
+    imported model archives)."""
+    return Path(os.environ.get("MEDSEG_HOME", "~/.cache/medseg")).expanduser()
 
 
 def parse_fold_tag(tag: str) -> Fold:

@@ -59,6 +59,7 @@ from medseg.plans.schema import (
 )
 from medseg.training.precision import training_autocast
 from medseg.utils import atomic_write_json, look_up
+from medseg.workdir import medseg_home
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def measure_step_seconds(arch: Architecture, patch: Sequence[int], batch: int, i
 def default_timing_cache() -> Path:
     """Where measured step times are remembered: ``$MEDSEG_HOME/step_times.json`` (default
     ``~/.cache/medseg``)."""
-    return Path(os.environ.get("MEDSEG_HOME", "~/.cache/medseg")).expanduser() / "step_times.json"
+    return medseg_home() / "step_times.json"
 
 
 @functools.cache
