@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from medseg.io.dataset import Case, Dataset, read_case_image, read_case_label
 from medseg.parallel import parallel_map
+from medseg.plans.schema import ignore_value
 from medseg.preprocessing.cropping import bbox_of, crop, nonzero_mask
 from medseg.preprocessing.provenance import dataset_digest
 from medseg.utils import atomic_write_text
@@ -69,8 +70,8 @@ class Fingerprint(BaseModel):
         return cls.model_validate_json(Path(path).read_text())
 
 
-def _fingerprint_case(args: tuple[Case, list[int], int]) -> tuple[CaseFingerprint, list[np.ndarray]]:
-    case, labels, seed = args
+def _fingerprint_case(args: tuple[Case, list[int], int, int | None]) -> tuple[CaseFingerprint, list[np.ndarray]]:
+    case, labels, seed, ignore = args
     image, geometry = read_case_image(case)
     label, _ = read_case_label(case)
     bbox = bbox_of(nonzero_mask(image))
@@ -78,6 +79,8 @@ def _fingerprint_case(args: tuple[Case, list[int], int]) -> tuple[CaseFingerprin
     voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
     counts = {k: int(np.count_nonzero(label_c == k)) for k in labels}
     fg = label_c > 0
+    if ignore is not None:  # unannotated voxels are no foreground: they would skew the CT statistics
+        fg &= label_c != ignore
     rng = np.random.default_rng(seed)
     samples = []
     for ch in image_c:
@@ -106,7 +109,7 @@ def compute_fingerprint(ds: Dataset, num_workers: int = 1, progress: bool = Fals
                         executor: Executor | None = None) -> Fingerprint:
     """Fingerprint every case (parallel over cases in ``num_workers`` processes, or in ``executor``;
     deterministic given ``seed``)."""
-    jobs = [(c, sorted(ds.labels), seed + i) for i, c in enumerate(ds.cases)]
+    jobs = [(c, sorted(ds.labels), seed + i, ignore_value(ds.labels)) for i, c in enumerate(ds.cases)]
     results = parallel_map(_fingerprint_case, jobs, num_workers=num_workers, description="fingerprint",
                            progress=progress, executor=executor)
     channels = []
