@@ -289,6 +289,10 @@ def predict(
                                           help="Also write <case>_uncertainty: normalised predictive entropy over "
                                                "all models (0 certain .. 1 uniform)."),
     no_postprocessing: bool = typer.Option(False, "--no-postprocessing", help="Ignore model.json's postprocessing."),
+    statistics: bool = typer.Option(False, "--statistics", help="Per case and structure: volume (ml), voxel count, "
+                                    "mean/std intensity per channel → predict_statistics.json/.csv."),
+    preview: bool = typer.Option(False, "--preview", help="One PNG per case (<case>_preview.png): three orthogonal "
+                                 "slices with the structures overlaid and named."),
     series: str = typer.Option(None, "--series",
                                help="DICOM: which series, as modality=MR,description=REGEX,uid=UID (default: per "
                                     "study, the one series whose modality fits the model)."),
@@ -320,7 +324,7 @@ def predict(
     fields = {"step": step, "tta": tta, "save_probabilities": save_probabilities, "save_attention": save_attention,
               "save_uncertainty": save_uncertainty, "postprocess": not no_postprocessing, "overwrite": overwrite,
               "series": series, "output_format": output_format, "stitch_device": stitch_device,
-              "backend": backend}
+              "backend": backend, "statistics": statistics, "preview": preview}
     if cluster is not None:
         from medseg.cluster.jobs import submit_predict
 

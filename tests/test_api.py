@@ -74,3 +74,24 @@ def test_the_readme_example_runs_as_written(trained, msd_dataset):
     namespace = {"WORK": str(trained), "IMAGE": str(msd_dataset / "imagesTr" / "case_000.nii.gz")}
     exec(compile(block.group(1), "README.md:api-example", "exec"), namespace)  # noqa: S102 - our own README
     assert isinstance(namespace["seg"], nib.Nifti1Image) and isinstance(namespace["seg_itk"], sitk.Image)
+
+
+def test_statistics_and_previews_at_predict_time(trained, msd_dataset, tmp_path):
+    import json
+
+    image_path = msd_dataset / "imagesTr" / "case_000.nii.gz"
+    out = tmp_path / "out"
+    (written,) = predict_folder(image_path, out, trained, tta=False, statistics=True, preview=True)
+    seg = np.asarray(nib.load(written).dataobj)
+    image = np.asarray(nib.load(image_path).dataobj)
+    stats = json.loads((out / "predict_statistics.json").read_text())
+    (case,) = stats["cases"]
+    assert case["case"] == "case_000" and [r["structure"] for r in case["structures"]] == ["a", "b"]
+    for row in case["structures"]:
+        mask = seg == row["label"]
+        assert row["voxels"] == int(mask.sum()) and row["volume_ml"] == pytest.approx(mask.sum() / 1000.0)
+        if mask.any():
+            assert row["mean_MRI"] == pytest.approx(float(image[mask].mean()), rel=1e-5)
+    assert (out / "predict_statistics.csv").read_text().splitlines()[0].startswith("case,label,structure,voxels")
+    png = (out / "case_000_preview.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -26,6 +26,7 @@ import torch
 
 from medseg.errors import CheckpointError, MedsegError
 from medseg.inference.backends import available, backend_network, check_backend
+from medseg.inference.case_report import save_preview, structure_statistics
 from medseg.inference.postprocessing import apply_postprocessing
 from medseg.inference.sliding_window import predict_volume
 from medseg.inference.uncertainty import entropy_map
@@ -351,6 +352,8 @@ class PredictOptions:
     progress: bool = False
     stitch_device: str = "auto"
     backend: str | None = None
+    statistics: bool = False
+    preview: bool = False
 
 
 def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, options: PredictOptions | None = None, *,
@@ -444,6 +447,12 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
                             model_name=f"medseg {plans.dataset_name} {'+'.join(members)}")
         if nifti_out:
             write_image(out_path, seg, geometry, label_dtype(values))
+        if options.statistics:
+            rows = structure_statistics(seg, image, geometry.spacing, plans.class_labels, plans.channel_names)
+            atomic_write_json(_statistics_rows(output) / f"{case.case_id}.json", {"case": case.case_id, "structures": rows})
+        if options.preview:
+            save_preview(output / f"{case.case_id}_preview.png", image, seg, geometry.spacing, plans.class_labels,
+                         _loggable_id(case))
         score = float(np.mean(pred.qc_scores))
         row = {"case": case.case_id, "source": case.series.label() if case.series else str(case.files[0]),
                "qc_score": score, "flagged": bool(threshold is not None and score > threshold),
@@ -453,6 +462,8 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
             flagged.append(case)
         written.append(main_output(case))
     write_summary(output, members, threshold)
+    if options.statistics:
+        write_statistics(output)
     if flagged:
         log.warning("QC: %d case(s) flagged as likely failures (score > %.4f): %s (see predict_summary.json)",
                     len(flagged), threshold, ", ".join(_loggable_id(c) for c in flagged))
@@ -462,6 +473,28 @@ def predict_folder(inputs: Path, output: Path, model: Path | LoadedModel, option
 def _summary_rows(output: Path) -> Path:
     """The folder of one JSON row per predicted case, so that shards writing into one folder lose none."""
     return output / ".predict_summary"
+
+
+def _statistics_rows(output: Path) -> Path:
+    return output / ".predict_statistics"
+
+
+def write_statistics(output: Path) -> None:
+    """Rebuild ``predict_statistics.json`` (per case, per structure) and ``.csv`` (one row per case
+    and structure) from the per-case rows, under the summary's lock (shards write into one folder)."""
+    output = Path(output)
+    rows_dir = _statistics_rows(output)
+    with open(output / ".predict_summary.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cases = [json.loads(f.read_text()) for f in sorted(rows_dir.glob("[!.]*.json"))] if rows_dir.is_dir() else []
+        if not cases:
+            return
+        atomic_write_json(output / "predict_statistics.json", {
+            "columns": "volume_ml = voxels × voxel volume; mean_/std_<channel>: the input's intensities inside "
+                       "the structure (None when absent)", "cases": cases})
+        flat = [{"case": c["case"], **r} for c in cases for r in c["structures"]]
+        with atomic_path(output / "predict_statistics.csv") as tmp:
+            pd.DataFrame(flat).to_csv(tmp, index=False)
 
 
 def _loggable_id(case: InputCase) -> str:
