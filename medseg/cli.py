@@ -344,6 +344,18 @@ def predict(
     console.print(f"[green]{len(written)} segmentation(s) written to[/] {output}")
 
 
+@app.command()
+def report(
+    workdir: Path = typer.Argument(..., help="Work directory."),
+    output: Path = typer.Option(None, "-o", "--output", help="HTML file to write (default: WORK/report.html)."),
+) -> None:
+    """One self-contained HTML page (images embedded, opens offline): the dataset, the plans and why,
+    training curves, cross-validation, find-best's choice, per-case metrics and overlays."""
+    from medseg.orchestration.report import write_report
+
+    console.print(f"[green]report written to[/] {write_report(workdir, output)}")
+
+
 @app.command("export-model")
 def export_model(
     workdir: Path = typer.Argument(..., help="Trained work directory."),
