@@ -38,7 +38,7 @@ def test_the_report_is_one_offline_page_whose_images_all_load_in_a_browser(msd_d
     page = write_report(work)
     text = page.read_text()
     assert page == work / "report.html"
-    for table in ("dataset-geometry", "dataset-intensities", "plans", "crossval"):
+    for table in ("dataset-geometry", "dataset-intensities", "plans", "cross-validation"):
         assert f'id="{table}"' in text, table
     images = re.findall(r'<img [^>]*src="([^"]+)"', text)
     # dataset, training curves, per-case plot, overlays of the worst and the best case (here one case, twice)
@@ -55,7 +55,7 @@ def test_the_report_is_one_offline_page_whose_images_all_load_in_a_browser(msd_d
     total = re.search(r'data-images-total="(\d+)"', dom.stdout)
     assert loaded and total, dom.stdout[:500]
     assert int(loaded.group(1)) == int(total.group(1)) == len(images)
-    assert all(f'id="{t}"' in dom.stdout for t in ("plans", "crossval"))
+    assert all(f'id="{t}"' in dom.stdout for t in ("plans", "cross-validation"))
     shot = tmp_path / "report.png"
     result = _headless(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", page.as_uri())
     assert result.returncode == 0 and shot.exists() and shot.stat().st_size > 20000, result.stderr[-2000:]

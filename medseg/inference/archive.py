@@ -77,18 +77,21 @@ def export_model(workdir: Path | WorkDir, output: Path, configs: list[str] | Non
             packed[stage] += [f for f in stage_folds if f not in packed[stage]]
         if not packed[key]:
             raise CheckpointError(f"{work}: {key} has no finished fold to export")
-    files = {"plans.json": work.plans}
+    def name(path: Path) -> str:  # the member name: the file's place in the work directory
+        return path.relative_to(work.root).as_posix()
+
+    files = {name(work.plans): work.plans}
     if work.fingerprint.exists():
-        files["fingerprint.json"] = work.fingerprint
+        files[name(work.fingerprint)] = work.fingerprint
     if chosen is not None and all(chosen.folds.get(m) and set(chosen.folds[m]) <= set(packed.get(m, []))
                                   for m in chosen.members):
-        files["model.json"] = work.model
+        files[name(work.model)] = work.model
     elif chosen is not None:
         log.info("%s describes other configurations or folds than those exported; it is left out", work.model)
     for key, key_folds in packed.items():
         for fold in key_folds:
             run = work.run(key, fold)
-            files[run.final.relative_to(work.root).as_posix()] = run.final
+            files[name(run.final)] = run.final
     manifest = {"archive_version": ARCHIVE_VERSION, "medseg_version": __version__,
                 "dataset": plans.dataset_name, "configs": {k: [str(f) for f in v] for k, v in packed.items()},
                 "files": {name: {"sha256": file_sha256(path), "size": path.stat().st_size}
@@ -150,8 +153,9 @@ def _check_entries(zf: zipfile.ZipFile, archive: Path) -> dict:
             if info.file_size != size or info.file_size > MAX_MEMBER_BYTES:
                 raise MedsegError(f"{archive}: entry {info.filename!r} is {info.file_size} bytes, the manifest says "
                                   f"{size}; refused")
-    if "plans.json" not in listed:
-        raise MedsegError(f"{archive}: no plans.json; not a medseg model archive")
+    plans_name = WorkDir(".").plans.name
+    if plans_name not in listed:
+        raise MedsegError(f"{archive}: no {plans_name}; not a medseg model archive")
     return manifest
 
 
@@ -190,9 +194,10 @@ def import_model(archive: Path, output: Path) -> Path:
                 except CheckpointError:
                     raise MedsegError(f"{archive}: entry {name!r} is not a plain-weights checkpoint "
                                       "(torch.load(weights_only=True) refuses it); refused") from None
-        Plans.load(tmp / "plans.json")
-        if (tmp / "model.json").exists():
-            ChosenModel.load(tmp / "model.json")
+        unpacked = WorkDir(tmp)
+        Plans.load(unpacked.plans)
+        if unpacked.model.exists():
+            ChosenModel.load(unpacked.model)
         if output.exists():
             output.rmdir()
         os.replace(tmp, output)
@@ -208,7 +213,7 @@ def cached_import(archive: Path) -> Path:
     """The work directory of ``archive`` under ``$MEDSEG_HOME/models/`` (imported on first use)."""
     digest = file_sha256(archive)[:16]
     target = medseg_home() / "models" / digest
-    if (target / "plans.json").exists():
+    if WorkDir(target).plans.exists():
         return target
     return import_model(archive, target)
 

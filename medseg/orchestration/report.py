@@ -176,7 +176,7 @@ def _crossval_section(work: WorkDir, plans: Plans) -> tuple[str, dict]:
         rows.append(row)
     if not rows:
         return "<p class='note'>No validated fold yet.</p>", frames
-    return _table(pd.DataFrame(rows), "crossval"), frames
+    return _table(pd.DataFrame(rows), "cross-validation"), frames
 
 
 def _find_best_section(work: WorkDir) -> str:
