@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_cli import medseg
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks" / "finetune"
@@ -41,13 +42,6 @@ def half(data: Path, out: Path, which: int) -> int:
     (out / "dataset.json").write_text(json.dumps({**meta, "training": cases, "numTraining": len(cases),
                                                    "test": [], "numTest": 0}, indent=1))
     return len(cases)
-
-
-def medseg(*args: str | Path, log: Path) -> float:
-    start = time.monotonic()
-    with log.open("w") as f:
-        subprocess.run([sys.executable, "-m", "medseg", *map(str, args)], check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.monotonic() - start
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from bench_cli import medseg
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks" / "ignore_label"
@@ -60,13 +60,6 @@ def make_sparse(data: Path, out: Path, fraction: float, seed: int = 0) -> dict:
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return {"fraction_slices_ignored": fraction, "foreground_voxels_kept": kept / max(annotated, 1),
             "voxels": total}
-
-
-def medseg(*args: str | Path, log: Path) -> float:
-    start = time.monotonic()
-    with log.open("w") as f:
-        subprocess.run([sys.executable, "-m", "medseg", *map(str, args)], check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.monotonic() - start
 
 
 def main() -> None:

@@ -12,23 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from helpers import REPO_ROOT
-from test_training import _tiny_plan
 
 import medseg
 from medseg.errors import MedsegError
 from medseg.inference.predictor import predict_folder
-from medseg.training.loop import train_fold
-
-
-@pytest.fixture
-def trained(msd_dataset, tmp_path):
-    torch.set_num_threads(1)
-    work = tmp_path / "work"
-    _tiny_plan(msd_dataset, work)
-    train_fold(work, "3d_fullres", 0, epochs=1, num_workers=0)
-    return work
 
 
 def test_import_medseg_is_fast_and_exports_exactly_the_api():
@@ -40,11 +28,11 @@ def test_import_medseg_is_fast_and_exports_exactly_the_api():
     assert all(getattr(medseg, name) for name in medseg.__all__)
 
 
-def test_predict_returns_the_inputs_kind_and_geometry_and_the_clis_labels(trained, msd_dataset, tmp_path):
-    image_path = msd_dataset / "imagesTr" / "case_000.nii.gz"
-    (reference,) = predict_folder(image_path, tmp_path / "cli", trained, tta=False)
+def test_predict_returns_the_inputs_kind_and_geometry_and_the_clis_labels(tiny_model, tmp_path):
+    image_path = tiny_model.parent / "ds" / "imagesTr" / "case_000.nii.gz"
+    (reference,) = predict_folder(image_path, tmp_path / "cli", tiny_model, tta=False)
     expected = np.asarray(nib.load(reference).dataobj)
-    model = medseg.load_model(trained, device="cpu")
+    model = medseg.load_model(tiny_model, device="cpu")
     assert model.labels == {0: "background", 1: "a", 2: "b"}
 
     img = nib.load(image_path)
@@ -67,21 +55,21 @@ def test_predict_returns_the_inputs_kind_and_geometry_and_the_clis_labels(traine
         model.predict("case.nii.gz")
 
 
-def test_the_readme_example_runs_as_written(trained, msd_dataset):
+def test_the_readme_example_runs_as_written(tiny_model):
     readme = (REPO_ROOT / "README.md").read_text()
     block = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", readme, re.S)
     assert block, "README.md has no api-example block"
-    namespace = {"WORK": str(trained), "IMAGE": str(msd_dataset / "imagesTr" / "case_000.nii.gz")}
+    namespace = {"WORK": str(tiny_model), "IMAGE": str(tiny_model.parent / "ds" / "imagesTr" / "case_000.nii.gz")}
     exec(compile(block.group(1), "README.md:api-example", "exec"), namespace)  # noqa: S102 - our own README
     assert isinstance(namespace["seg"], nib.Nifti1Image) and isinstance(namespace["seg_itk"], sitk.Image)
 
 
-def test_statistics_and_previews_at_predict_time(trained, msd_dataset, tmp_path):
+def test_statistics_and_previews_at_predict_time(tiny_model, tmp_path):
     import json
 
-    image_path = msd_dataset / "imagesTr" / "case_000.nii.gz"
+    image_path = tiny_model.parent / "ds" / "imagesTr" / "case_000.nii.gz"
     out = tmp_path / "out"
-    (written,) = predict_folder(image_path, out, trained, tta=False, statistics=True, preview=True)
+    (written,) = predict_folder(image_path, out, tiny_model, tta=False, statistics=True, preview=True)
     seg = np.asarray(nib.load(written).dataobj)
     image = np.asarray(nib.load(image_path).dataobj)
     stats = json.loads((out / "predict_statistics.json").read_text())

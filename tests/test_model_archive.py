@@ -15,36 +15,25 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_medseg
-from test_training import _tiny_plan
 
 from medseg.errors import MedsegError
 from medseg.inference.archive import MANIFEST, export_model, import_model
 from medseg.inference.predictor import predict_folder
-from medseg.training.loop import train_fold
-
-
-@pytest.fixture
-def trained(msd_dataset, tmp_path):
-    torch.set_num_threads(1)
-    work = tmp_path / "work"
-    _tiny_plan(msd_dataset, work)
-    train_fold(work, "3d_fullres", 0, epochs=1, num_workers=0)
-    return work
 
 
 def _labels(path):
     return np.asarray(nib.load(path).dataobj)
 
 
-def test_an_exported_model_predicts_as_its_work_directory(trained, msd_dataset, tmp_path):
-    manifest = export_model(trained, tmp_path / "model.zip")
+def test_an_exported_model_predicts_as_its_work_directory(tiny_model, tmp_path):
+    manifest = export_model(tiny_model, tmp_path / "model.zip")
     assert manifest["configs"] == {"3d_fullres": ["0"]}
     with zipfile.ZipFile(tmp_path / "model.zip") as zf:
         names = set(zf.namelist())
     assert names == {MANIFEST, "plans.json", "fingerprint.json", "runs/3d_fullres/fold_0/checkpoint_final.pt"}
     imported = import_model(tmp_path / "model.zip", tmp_path / "imported")
-    image = msd_dataset / "imagesTr" / "case_000.nii.gz"
-    (a,) = predict_folder(image, tmp_path / "a", trained, config_name="3d_fullres", tta=False)
+    image = tiny_model.parent / "ds" / "imagesTr" / "case_000.nii.gz"
+    (a,) = predict_folder(image, tmp_path / "a", tiny_model, config_name="3d_fullres", tta=False)
     (b,) = predict_folder(image, tmp_path / "b", imported, config_name="3d_fullres", tta=False)
     assert np.array_equal(_labels(a), _labels(b))
     # predict -m model.zip: imported once under $MEDSEG_HOME/models
@@ -59,7 +48,7 @@ def test_an_exported_model_predicts_as_its_work_directory(trained, msd_dataset, 
     assert len(list((env_home / "models").iterdir())) == 1
     # unknown folds are refused before anything is written
     with pytest.raises(MedsegError, match="fold 3 of 3d_fullres"):
-        export_model(trained, tmp_path / "other.zip", folds=[3])
+        export_model(tiny_model, tmp_path / "other.zip", folds=[3])
     assert not (tmp_path / "other.zip").exists()
 
 
@@ -97,9 +86,9 @@ def _link(name):
     return info
 
 
-def test_hostile_archives_are_refused_in_one_line_and_write_nothing(trained, tmp_path):
+def test_hostile_archives_are_refused_in_one_line_and_write_nothing(tiny_model, tmp_path):
     good = tmp_path / "good.zip"
-    export_model(trained, good)
+    export_model(tiny_model, good)
     ckpt = "runs/3d_fullres/fold_0/checkpoint_final.pt"
     marker = tmp_path / "pwned"
     evil = io.BytesIO()

@@ -254,15 +254,15 @@ def train_fold(workdir: Path, config_name: str, fold: int | str, *, epochs: int 
     config = plans.config(config_name)
     budget = Budget.from_plan(config, epochs, iterations_per_epoch, time_budget_min)
     setup = _set_up(work, plans, config, fold, budget, resume, group)
-    recorded = json.loads(setup.run_dir.run_json.read_text()) if resume and setup.run_dir.run_json.exists() else {}
+    init, init_report = None, None
     if resume:  # the run goes on as it started
         if init_from:
             log.info("%s: resumed from its own checkpoint; --init-from applies to new runs only", setup.run_dir.path)
+        recorded = json.loads(setup.run_dir.run_json.read_text()) if setup.run_dir.run_json.exists() else {}
         init_report, freeze_encoder_epochs = recorded.get("init_from"), int(recorded.get("freeze_encoder_epochs", 0))
-    else:
-        init_report = None
+    elif init_from:
+        init = resolve_init_source(init_from, config.key)
     setup = replace(setup, freeze_encoder_epochs=freeze_encoder_epochs, init_report=init_report)
-    init = resolve_init_source(init_from, config.key) if init_from and not resume else None
     parts = _build_components(setup, device, init)
     setup = replace(setup, init_report=parts.init_report)
     state = _resume(parts, setup.run_dir) if resume else TrainingState()
